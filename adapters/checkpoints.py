@@ -1,0 +1,97 @@
+"""Reading and writing adapter weight files: safetensors, or ``.bin``/``.pt`` via ``weights_only``.
+
+Published IP-Adapter-style files are nested ``{"image_proj": {...}, "ip_adapter": {...}}`` when
+pickled, and flat with ``image_proj.``/``ip_adapter.`` prefixes as safetensors; both read into the
+same nested form here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class AdapterFileError(ValueError):
+    """A weight file that does not fit the adapter it was loaded as."""
+
+    def __init__(self, path, kind: str, base_model: str, problem: str):
+        self.path = str(path)
+        super().__init__(f"{os.path.basename(self.path)} is not a valid {kind} for {base_model}: {problem} (file: {self.path})")
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """All tensors of a weight file, flat, on the CPU."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weight file not found: {path}")
+    if path.lower().endswith(SAFETENSORS_SUFFIXES):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        # weights_only: a checkpoint is data, never code to run.
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{path} holds a {type(loaded).__name__}, not a dictionary of tensors")
+        return flatten(loaded)
+    raise ValueError(f"{path}: unsupported weight file type; use .safetensors (preferred), .bin or .pt")
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, torch.Tensor):
+            flat[name] = value
+    return flat
+
+
+def split_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix.``, with the prefix removed."""
+    start = prefix + "."
+    return {key[len(start):]: value for key, value in state_dict.items() if key.startswith(start)}
+
+
+def write_safetensors(state_dict: Mapping[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Write atomically: a crash never leaves a half-written file under the final name."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
+    temporary = f"{path}.partial"
+    save_file(tensors, temporary, metadata=metadata)
+    os.replace(temporary, path)
+
+
+def describe_key_mismatch(expected: Iterable[str], found: Iterable[str], limit: int = 8) -> str:
+    expected, found = set(expected), set(found)
+    parts = []
+    for label, keys in (("missing keys", expected - found), ("unexpected keys", found - expected)):
+        if keys:
+            shown = sorted(keys)[:limit]
+            more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+            parts.append(f"{label}: {', '.join(shown)}{more}")
+    return "; ".join(parts)
+
+
+def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path, kind: str, base_model: str) -> None:
+    """``load_state_dict(strict=True)`` with an error naming the file, the adapter and the mismatch."""
+    expected = module.state_dict()
+    problem = describe_key_mismatch(expected, state_dict)
+    if not problem:
+        shapes = [
+            f"{key}: file {tuple(value.shape)} vs expected {tuple(expected[key].shape)}"
+            for key, value in state_dict.items()
+            if tuple(value.shape) != tuple(expected[key].shape)
+        ]
+        problem = "shape mismatch: " + "; ".join(shapes[:8]) if shapes else ""
+    if problem:
+        raise AdapterFileError(path, kind, base_model, problem)
+    module.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,99 @@
+"""Nodes for the Arc2Face Expression Adapter: load it, build a FLAME expression, patch a model."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..adapters.expression_adapter import FLAME_DIM, ExpressionAdapter
+from ..encoders.expressions import FlameExpression
+from .cross_attention_patch import apply_cross_attention_branch
+from .types import ExpressionAdapterType, FlameExpressionType
+
+CATEGORY = "expression_adapters"
+
+
+class LoadExpressionAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadExpressionAdapter",
+            display_name="Load Expression Adapter",
+            category=f"{CATEGORY}/loaders",
+            description="Loads an Arc2Face Expression Adapter (exp_adapter.bin as published, or our .safetensors) "
+                        "from ComfyUI/models/expression_adapters.",
+            inputs=[io.Combo.Input("adapter_name", options=folder_paths.get_filename_list("expression_adapters"),
+                                   tooltip="File in ComfyUI/models/expression_adapters")],
+            outputs=[ExpressionAdapterType.Output(display_name="expression_adapter")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name):
+        path = folder_paths.get_full_path_or_raise("expression_adapters", adapter_name)
+        return io.NodeOutput(ExpressionAdapter.from_file(path).eval())
+
+
+class FlameExpressionNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FlameExpression",
+            display_name="FLAME Expression",
+            category=f"{CATEGORY}/expression",
+            description="Builds FLAME blendshape parameters (50 expression, 2 eyelid, 3 jaw) from a JSON list "
+                        "and/or the controls below, which are added on top of the JSON values.",
+            inputs=[
+                io.String.Input("json_values", multiline=True, default="",
+                                tooltip="Empty for neutral, a list of 55 numbers, or a list of such lists (one per image)"),
+                io.Float.Input("jaw_open", default=0.0, min=0.0, max=0.5, step=0.01, tooltip="FLAME jaw pose, parameter 52"),
+                io.Float.Input("eyelid_left", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Eyelid closure, parameter 50"),
+                io.Float.Input("eyelid_right", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Eyelid closure, parameter 51"),
+                *[io.Float.Input(f"expression_{i}", default=0.0, min=-3.0, max=3.0, step=0.05,
+                                 tooltip=f"FLAME expression component {i} (the leading components move the most)")
+                  for i in range(1, 6)],
+            ],
+            outputs=[FlameExpressionType.Output(display_name="expression")],
+        )
+
+    @classmethod
+    def execute(cls, json_values, jaw_open, eyelid_left, eyelid_right, **components):
+        expression = FlameExpression.from_json(json_values) if json_values.strip() else FlameExpression.neutral()
+        offsets = torch.zeros(FLAME_DIM)
+        for i in range(1, 6):
+            offsets[i - 1] = components[f"expression_{i}"]
+        offsets[50], offsets[51], offsets[52] = eyelid_left, eyelid_right, jaw_open
+        return io.NodeOutput(FlameExpression(expression.values + offsets))
+
+
+class ApplyExpressionAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ApplyExpressionAdapter",
+            display_name="Apply Expression Adapter",
+            category=f"{CATEGORY}/apply",
+            description="Adds the expression branch to every cross-attention layer of an Arc2Face (SD1.5) model. "
+                        "Stacks with IPAdapter, InstantID and other expression branches.",
+            inputs=[
+                io.Model.Input("model"),
+                ExpressionAdapterType.Input("expression_adapter"),
+                FlameExpressionType.Input("expression", tooltip="One row for the whole batch, or one row per image"),
+                io.Float.Input("strength", default=ExpressionAdapter.default_scale, min=0.0, max=3.0, step=0.05),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Fraction of sampling where the branch starts"),
+                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Fraction of sampling where the branch stops"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, expression_adapter, expression, strength, start_at, end_at):
+        with torch.no_grad():
+            cond_tokens = expression_adapter.expression_tokens(expression.values)
+            uncond_tokens = expression_adapter.unconditional_tokens()
+        patched = apply_cross_attention_branch(model, expression_adapter, cond_tokens, uncond_tokens, strength, start_at, end_at)
+        return io.NodeOutput(patched)
+
+
+NODES = [LoadExpressionAdapter, FlameExpressionNode, ApplyExpressionAdapter]

@@ -1,0 +1,172 @@
+"""The Expression Adapter inside ComfyUI's own UNets, checked against the diffusers host.
+
+Needs a real ComfyUI (skipped where none is found). The tiny UNets carry the same weights in
+both hosts, converted with ComfyUI's own diffusers->ComfyUI key mapping.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.layers import SD15, SDXL, cross_attention_layers
+from tiny_unets import CONTEXT_DIM, comfy_model, diffusers_unet, random_expression_adapter, sdxl_added_conditions
+from training.diffusers_host import attach_adapters
+
+pytestmark = pytest.mark.comfyui
+LAYOUTS = {"SD1.5": SD15, "SDXL": SDXL}
+
+
+class Hosts:
+    """One tiny UNet in both hosts plus fixed inputs."""
+
+    def __init__(self, family: str, batch: int, seed: int = 0):
+        self.family = family
+        self.unet = diffusers_unet(family, seed)
+        self.model = comfy_model(family, self.unet.state_dict())
+        generator = torch.Generator().manual_seed(seed + 10)
+        self.batch = batch
+        self.x = torch.randn(batch, 4, 8, 8, generator=generator)
+        self.context = torch.randn(batch, 7, CONTEXT_DIM, generator=generator)
+        self.t = torch.full((batch,), 500.0)
+        self.added, self.y = sdxl_added_conditions(self.unet, batch) if family == "SDXL" else (None, None)
+
+    def comfy(self, model=None, cond_or_uncond=(0,), sigma=1.0):
+        model = model or self.model
+        options = dict(model.model_options["transformer_options"])
+        options["cond_or_uncond"] = list(cond_or_uncond)
+        options["sigmas"] = torch.full((self.batch,), float(sigma))
+        with torch.no_grad():
+            return model.model.diffusion_model(self.x, timesteps=self.t, context=self.context, y=self.y,
+                                               transformer_options=options)
+
+    def diffusers(self, adapter=None, tokens=None, scale=1.0):
+        kwargs = {}
+        if adapter is not None:
+            attach_adapters(self.unet, {"expression": adapter})
+            kwargs["cross_attention_kwargs"] = {"adapter_tokens": {"expression": tokens}, "adapter_scale": {"expression": scale}}
+        with torch.no_grad():
+            return self.unet(self.x, self.t, encoder_hidden_states=self.context, added_cond_kwargs=self.added, **kwargs).sample
+
+
+def apply(comfy, model, adapter, expression, strength=1.0, start_at=0.0, end_at=1.0):
+    patch = comfy.pack.nodes.cross_attention_patch
+    with torch.no_grad():
+        return patch.apply_cross_attention_branch(model, adapter, adapter.expression_tokens(expression),
+                                                  adapter.unconditional_tokens(), strength, start_at, end_at)
+
+
+@pytest.mark.parametrize("family", ["SD1.5", "SDXL"])
+def test_hosts_agree_and_every_cross_attention_layer_is_patched(comfy, family):
+    hosts = Hosts(family, batch=2)
+    adapter = random_expression_adapter(family)
+    expression = torch.randn(2, 55)  # one expression per image
+    patched = apply(comfy, hosts.model, adapter, expression)
+
+    replaced = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    model_keys = comfy.pack.nodes.cross_attention_patch.cross_attention_widths(hosts.model.model.diffusion_model)
+    assert set(replaced) == set(model_keys) == {layer.comfy_key for layer in cross_attention_layers(LAYOUTS[family])}
+    assert len(replaced) == {"SD1.5": 16, "SDXL": 70}[family] and ("middle", 0, 0) in replaced
+
+    plain_comfy, plain_diffusers = hosts.comfy(), hosts.diffusers()
+    torch.testing.assert_close(plain_comfy, plain_diffusers, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        tokens = adapter.expression_tokens(expression)
+    with_branch_comfy = hosts.comfy(patched)
+    with_branch_diffusers = hosts.diffusers(adapter, tokens)
+    assert (with_branch_comfy - plain_comfy).abs().max() > 1e-2  # the branch does something
+    torch.testing.assert_close(with_branch_comfy, with_branch_diffusers, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("order", [[1, 0], [0, 1], [0]], ids=["uncond_first", "cond_first", "cfg_1"])
+def test_rows_follow_cond_or_uncond(comfy, order):
+    hosts = Hosts("SD1.5", batch=2 * len(order))
+    adapter = random_expression_adapter()
+    expression = torch.randn(2, 55)  # two images per chunk, one expression each
+    patched = apply(comfy, hosts.model, adapter, expression)
+    with torch.no_grad():
+        cond, uncond = adapter.expression_tokens(expression), adapter.unconditional_tokens().expand(2, -1, -1)
+    tokens = torch.cat([cond if kind == 0 else uncond for kind in order])
+    torch.testing.assert_close(hosts.comfy(patched, cond_or_uncond=order), hosts.diffusers(adapter, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_strength_zero_is_exactly_the_unpatched_model(comfy):
+    hosts = Hosts("SD1.5", batch=2)
+    patched = apply(comfy, hosts.model, random_expression_adapter(), torch.randn(1, 55), strength=0.0)
+    assert torch.equal(hosts.comfy(patched, cond_or_uncond=[1, 0]), hosts.comfy(cond_or_uncond=[1, 0]))
+
+
+def test_strength_scales_the_branch(comfy):
+    hosts = Hosts("SD1.5", batch=1)
+    adapter = random_expression_adapter()
+    expression = torch.randn(1, 55)
+    with torch.no_grad():
+        tokens = adapter.expression_tokens(expression)
+    torch.testing.assert_close(hosts.comfy(apply(comfy, hosts.model, adapter, expression, strength=0.4)),
+                               hosts.diffusers(adapter, tokens, scale=0.4), atol=1e-4, rtol=1e-4)
+
+
+def test_start_and_end_percent_gate_the_right_steps(comfy):
+    from comfy.samplers import calculate_sigmas
+
+    hosts = Hosts("SD1.5", batch=1)
+    patched = apply(comfy, hosts.model, random_expression_adapter(), torch.randn(1, 55), start_at=0.3, end_at=0.7)
+    sampling = hosts.model.get_model_object("model_sampling")
+    sigmas = calculate_sigmas(sampling, "simple", 10)[:-1]
+    plain = [hosts.comfy(sigma=s) for s in sigmas]
+    active = [i for i, s in enumerate(sigmas) if not torch.equal(hosts.comfy(patched, sigma=s), plain[i])]
+    # percent_to_sigma maps sampling progress to sigma; "simple" steps are evenly spaced in progress
+    expected = [i for i, s in enumerate(sigmas) if sampling.percent_to_sigma(0.7) <= s <= sampling.percent_to_sigma(0.3)]
+    assert active == expected
+    assert 0 < len(active) < len(sigmas) and active[0] >= 2 and active[-1] <= 7
+
+
+def test_a_prior_attn2_replace_still_runs_and_the_adapter_stacks_with_itself(comfy):
+    from comfy.ldm.modules.attention import optimized_attention
+
+    hosts = Hosts("SD1.5", batch=1)
+    calls = []
+
+    def prior_replace(q, k, v, extra_options):  # stands for IPAdapter / InstantID
+        calls.append(extra_options["block"])
+        return optimized_attention(q, k, v, extra_options["n_heads"]) * 1.5
+
+    prior = hosts.model.clone()
+    for layer in cross_attention_layers(SD15):
+        prior.set_model_attn2_replace(prior_replace, *layer.comfy_key)
+    adapter = random_expression_adapter()
+    expression = torch.randn(1, 55)
+    prior_only = hosts.comfy(prior)
+    assert len(calls) == 16
+    stacked = apply(comfy, prior, adapter, expression, strength=0.5)
+    calls.clear()
+    once = hosts.comfy(stacked)
+    assert len(calls) == 16 and (once - prior_only).abs().max() > 1e-2
+    # stacking the adapter on itself adds the branches: 0.5 + 0.5 equals 1.0 applied once
+    twice = hosts.comfy(apply(comfy, stacked, adapter, expression, strength=0.5))
+    single_strength_one = hosts.comfy(apply(comfy, prior, adapter, expression, strength=1.0))
+    torch.testing.assert_close(twice, single_strength_one, atol=1e-5, rtol=1e-5)
+
+
+def test_clone_shares_the_patch_and_its_weights(comfy):
+    hosts = Hosts("SD1.5", batch=1)
+    adapter = random_expression_adapter()
+    patched = apply(comfy, hosts.model, adapter, torch.randn(1, 55))
+    cloned = patched.clone()
+    key = ("input", 1, 0)
+    original = patched.model_options["transformer_options"]["patches_replace"]["attn2"][key]
+    copy = cloned.model_options["transformer_options"]["patches_replace"]["attn2"][key]
+    assert copy is original and copy.tokens.adapter is adapter
+
+
+def test_an_sd15_adapter_on_an_sdxl_model_is_refused(comfy):
+    hosts = Hosts("SDXL", batch=1)
+    with pytest.raises(ValueError, match=r"made for SD1.5 models, but the model is SDXL \(70 cross-attention layers\)"):
+        apply(comfy, hosts.model, random_expression_adapter("SD1.5"), torch.randn(1, 55))
+
+
+def test_expression_rows_must_match_the_batch(comfy):
+    hosts = Hosts("SD1.5", batch=2)
+    patched = apply(comfy, hosts.model, random_expression_adapter(), torch.randn(3, 55))
+    with pytest.raises(ValueError, match="the expression has 3 rows but the batch has 2 images"):
+        hosts.comfy(patched)

@@ -1,0 +1,73 @@
+"""diffusers host for adapter branches: an attention processor for ``UNet2DConditionModel``.
+
+The processor runs the layer's own attention and adds each attached adapter's branch through
+``adapters.attention``, the same maths the ComfyUI patches call. Tokens travel per forward call
+in ``cross_attention_kwargs``::
+
+    unet(latents, t, encoder_hidden_states=text,
+         cross_attention_kwargs={"adapter_tokens": {"expression": tokens},   # (batch, T, D)
+                                 "adapter_scale": {"expression": 1.0}})
+
+Every attention layer gets this processor (self-attention layers with no branches), so diffusers
+passes the keyword arguments everywhere without warnings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from adapters.attention import decoupled_attention, multi_head_attention
+from adapters.cross_attention_adapter import CrossAttentionAdapter
+
+
+class AdapterAttnProcessor:
+    def __init__(self, branches: Mapping[str, torch.nn.Module] | None = None):
+        self.branches = dict(branches or {})
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 adapter_tokens: Mapping[str, torch.Tensor] | None = None,
+                 adapter_scale: Mapping[str, float] | None = None, **unused):
+        if attention_mask is not None:
+            raise NotImplementedError("attention masks are not supported by the adapter processor")
+        residual = hidden_states
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = attn.to_q(hidden_states)
+        out = multi_head_attention(query, attn.to_k(context), attn.to_v(context), attn.heads)
+        for name, branch in self.branches.items():
+            tokens = (adapter_tokens or {}).get(name)
+            if tokens is None:
+                continue
+            scale = (adapter_scale or {}).get(name, 1.0)
+            key, value = branch.keys_values(tokens.to(query.dtype))
+            out = out + decoupled_attention(query, key, value, attn.heads, scale)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def attach_adapters(unet, adapters: Mapping[str, CrossAttentionAdapter]) -> None:
+    """Install :class:`AdapterAttnProcessor` on every attention layer of ``unet``.
+
+    ``adapters`` maps the names used in ``adapter_tokens`` to adapters; each adapter's branches go
+    on the layers of its catalogue. The adapters stay separate modules (train them, move them
+    with ``.to()``); the UNet holds only references through its processors.
+    """
+    module_names = {name.removesuffix(".processor") for name in unet.attn_processors}
+    processors = {}
+    for module_name in module_names:
+        branches = {}
+        for adapter_name, adapter in adapters.items():
+            for layer in adapter.layers:
+                if layer.diffusers_name == module_name:
+                    branches[adapter_name] = adapter.branch(layer)
+        processors[f"{module_name}.processor"] = AdapterAttnProcessor(branches)
+    for adapter_name, adapter in adapters.items():
+        missing = [layer.diffusers_name for layer in adapter.layers if layer.diffusers_name not in module_names]
+        if missing:
+            raise ValueError(f"adapter {adapter_name!r} ({adapter.layout.name}) has layers this UNet lacks: {missing[:4]}")
+    unet.set_attn_processor(processors)

@@ -1,0 +1,201 @@
+"""Run a shipped workflow headless through ComfyUI's own executor.
+
+    python workflows/run.py workflows/expression_adapter_api.json --comfyui ~/ComfyUI \
+        --seed 42 --strength 0.8 --set 4.json_values="[0.5, ...]" --image 12=face.png
+
+The workflow must be in ComfyUI's API format (``*_api.json``). Overrides:
+  --set NODE.INPUT=VALUE   any input of any node (VALUE parsed as JSON when it can be)
+  --seed N                 every ``seed`` / ``noise_seed`` input
+  --strength X             every ``strength`` input of an Expression Adapters node
+  --image NODE=PATH        copy PATH into ComfyUI's input folder and point that LoadImage node at it
+  --models DIR             also search DIR/<folder> for models (DIR/diffusion_models, DIR/expression_adapters, ...)
+Images the workflow saves go to ComfyUI's output folder (or --output-dir); their paths are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_MODULE = "comfyui_expression_adapters"
+_loaded_pack = None
+
+
+def find_comfyui(explicit: str | None = None) -> Path | None:
+    """The ComfyUI checkout named explicitly, by COMFYUI_PATH, or at ~/ComfyUI; None if none is there."""
+    for candidate in (explicit, os.environ.get("COMFYUI_PATH"), str(Path.home() / "ComfyUI")):
+        if candidate and (Path(candidate).expanduser() / "comfy" / "model_patcher.py").is_file():
+            return Path(candidate).expanduser().resolve()
+    return None
+
+
+def start_comfyui(comfyui: Path, force_cpu: bool | None = None):
+    """Import ComfyUI in this process (as its main.py would) and return its ``nodes`` module."""
+    path = str(comfyui)
+    if path in sys.path:
+        sys.path.remove(path)
+    sys.path.insert(0, path)  # ComfyUI's nodes.py must win over this pack's nodes/ folder
+    import torch
+
+    import comfy.cli_args
+
+    if force_cpu or (force_cpu is None and not torch.cuda.is_available()):
+        comfy.cli_args.args.cpu = True  # must precede the first import of comfy.model_management
+    import nodes
+
+    if not hasattr(nodes, "load_custom_node"):
+        raise ImportError(f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py")
+    return nodes
+
+
+def load_pack(comfy_nodes, custom_nodes_dir: Path) -> object:
+    """Load this pack with ComfyUI's own custom-node loader, under a stable module name."""
+    global _loaded_pack
+    if _loaded_pack is not None:
+        return _loaded_pack
+    custom_nodes_dir.mkdir(parents=True, exist_ok=True)
+    link = custom_nodes_dir / PACK_MODULE
+    if not link.exists():
+        link.symlink_to(PACK_ROOT, target_is_directory=True)
+    if not asyncio.run(comfy_nodes.load_custom_node(str(link))):
+        raise RuntimeError(f"ComfyUI could not load the pack from {link}; see the log above")
+    _loaded_pack = sys.modules[str(link).replace(".", "_x_")]  # the module name ComfyUI's loader gives a folder
+    return _loaded_pack
+
+
+def add_model_dirs(models_dir: Path) -> None:
+    import folder_paths
+
+    for folder in sorted(p for p in Path(models_dir).iterdir() if p.is_dir()):
+        folder_paths.add_model_folder_path(folder.name, str(folder), is_default=True)
+
+
+def apply_overrides(prompt: dict, sets=(), seed=None, strength=None, images=()) -> dict:
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        inputs = node.setdefault("inputs", {})
+        if seed is not None:
+            for name in ("seed", "noise_seed"):
+                if name in inputs:
+                    inputs[name] = int(seed)
+        if strength is not None and "strength" in inputs and node["class_type"] in _pack_node_ids():
+            inputs["strength"] = float(strength)
+    for assignment in sets:
+        target, _, raw = assignment.partition("=")
+        node_id, _, input_name = target.partition(".")
+        if node_id not in prompt or not input_name:
+            raise SystemExit(f"--set {assignment!r}: expected NODE.INPUT=VALUE with a node id of this workflow")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        prompt[node_id]["inputs"][input_name] = value
+    for assignment in images:
+        node_id, _, image_path = assignment.partition("=")
+        if node_id not in prompt:
+            raise SystemExit(f"--image {assignment!r}: no node {node_id} in this workflow")
+        prompt[node_id]["inputs"]["image"] = _copy_to_input(Path(image_path))
+    return prompt
+
+
+def _pack_node_ids() -> set[str]:
+    import nodes
+
+    return {name for name, cls in nodes.NODE_CLASS_MAPPINGS.items() if PACK_MODULE in getattr(cls, "RELATIVE_PYTHON_MODULE", "")}
+
+
+def _copy_to_input(image: Path) -> str:
+    import folder_paths
+
+    if not image.is_file():
+        raise SystemExit(f"image not found: {image}")
+    destination = Path(folder_paths.get_input_directory()) / image.name
+    if destination.resolve() != image.resolve():
+        shutil.copyfile(image, destination)
+    return image.name
+
+
+class _HeadlessServer:
+    """What PromptExecutor needs of ComfyUI's server, recording the messages instead of sending them."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+def execute(prompt: dict) -> dict:
+    """Validate and execute an API-format prompt; returns ``{node_id: ui outputs}``; raises on failure."""
+    import execution
+
+    prompt_id = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid[0]:
+        raise RuntimeError(f"invalid workflow: {json.dumps(valid[1])} {json.dumps(valid[3])}")
+    executor = execution.PromptExecutor(_HeadlessServer())
+    executor.execute(prompt, prompt_id, {}, valid[2])
+    if not executor.success:
+        errors = [data for event, data in executor.status_messages if event == "execution_error"]
+        detail = errors[0] if errors else executor.status_messages[-1:]
+        raise RuntimeError(f"workflow failed: {detail}")
+    return executor.history_result["outputs"]
+
+
+def saved_images(outputs: dict) -> list[Path]:
+    import folder_paths
+
+    paths = []
+    for ui in outputs.values():
+        for image in ui.get("images", []):
+            if image.get("type") == "output":
+                paths.append(Path(folder_paths.get_output_directory()) / image.get("subfolder", "") / image["filename"])
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workflow", type=Path, help="an API-format workflow JSON (workflows/*_api.json)")
+    parser.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or ~/ComfyUI)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE")
+    parser.add_argument("--image", dest="images", action="append", default=[], metavar="NODE=PATH")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--strength", type=float)
+    parser.add_argument("--models", type=Path, help="extra models folder with ComfyUI's layout")
+    parser.add_argument("--output-dir", type=Path)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
+    args = parser.parse_args(argv)
+
+    comfyui = find_comfyui(args.comfyui)
+    if comfyui is None:
+        parser.error("no ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH")
+    comfy_nodes = start_comfyui(comfyui, force_cpu=True if args.cpu else None)
+    asyncio.run(comfy_nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    load_pack(comfy_nodes, Path(tempfile.mkdtemp(prefix="expression_adapters_")))
+    import folder_paths
+
+    if args.models:
+        add_model_dirs(args.models)
+    if args.output_dir:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        folder_paths.set_output_directory(str(args.output_dir.resolve()))
+    prompt = json.loads(args.workflow.read_text())
+    prompt = apply_overrides(prompt, args.sets, args.seed, args.strength, args.images)
+    for path in saved_images(execute(prompt)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
