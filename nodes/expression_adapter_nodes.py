@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import folder_paths
 import torch
 from comfy_api.latest import io
-
-import folder_paths
 
 from ..adapters.expression_adapter import FLAME_DIM, ExpressionAdapter
 from ..encoders.expressions import FlameExpression

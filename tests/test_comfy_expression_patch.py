@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from adapters.layers import SD15, SDXL, cross_attention_layers
-from tiny_unets import CONTEXT_DIM, comfy_model, diffusers_unet, random_expression_adapter, sdxl_added_conditions
+from tiny_unets import (
+    CONTEXT_DIM,
+    comfy_model,
+    diffusers_unet,
+    random_expression_adapter,
+    sdxl_added_conditions,
+)
 from training.diffusers_host import attach_adapters
 
 pytestmark = pytest.mark.comfyui

@@ -43,9 +43,8 @@ def start_comfyui(comfyui: Path, force_cpu: bool | None = None):
     if path in sys.path:
         sys.path.remove(path)
     sys.path.insert(0, path)  # ComfyUI's nodes.py must win over this pack's nodes/ folder
-    import torch
-
     import comfy.cli_args
+    import torch
 
     if force_cpu or (force_cpu is None and not torch.cuda.is_available()):
         comfy.cli_args.args.cpu = True  # must precede the first import of comfy.model_management

@@ -1,0 +1,88 @@
+"""Full-size random weights written in the published file formats, for end-to-end workflow runs.
+
+ComfyUI recognises SD1.5 UNets, CLIP-L and the SD VAE by their real shapes, so these are full size
+(about 1.1 billion parameters, 2.2 GB in fp16). They are written once and cached between runs
+under ``$EXPRESSION_ADAPTERS_TEST_CACHE`` (default ``~/.cache/expression_adapters_tests``), in
+ComfyUI's models-folder layout with the file names the README tells users to use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+VERSION = "v1"
+UNET_FILE = "diffusion_models/arc2face/diffusion_pytorch_model.safetensors"
+TEXT_ENCODER_FILE = "text_encoders/arc2face/pytorch_model.bin"
+VAE_FILE = "vae/sd-vae-ft-mse/diffusion_pytorch_model.safetensors"
+EXPRESSION_ADAPTER_FILE = "expression_adapters/exp_adapter.bin"
+
+SD15_UNET_CONFIG = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+SD15_WIDTHS = {"down_blocks": (320, 640, 1280), "up_blocks": (None, 1280, 640, 320), "mid_block": (1280,)}
+
+
+def official_models_dir() -> Path:
+    root = Path(os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE", Path.home() / ".cache" / "expression_adapters_tests"))
+    models = root / f"official-random-{VERSION}"
+    if not (models / ".complete").exists():
+        _write_all(models)
+        (models / ".complete").write_text("ok")
+    return models
+
+
+def _write_all(models: Path) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    for name in (UNET_FILE, TEXT_ENCODER_FILE, VAE_FILE, EXPRESSION_ADAPTER_FILE):
+        (models / name).parent.mkdir(parents=True, exist_ok=True)
+
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    save_file(_half(unet.state_dict()), models / UNET_FILE)
+    unet.save_config(models / UNET_FILE.rsplit("/", 1)[0])
+    del unet
+
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+    # Published with transformers 4, whose CLIPTextModel keys start with "text_model."
+    state = {key if key.startswith("text_model.") else f"text_model.{key}": value
+             for key, value in text_encoder.state_dict().items()}
+    torch.save(_half(state), models / TEXT_ENCODER_FILE)
+    del text_encoder
+
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
+    save_file(_half(vae.state_dict()), models / VAE_FILE)
+    del vae
+
+    torch.save(_expression_adapter_state(), models / EXPRESSION_ADAPTER_FILE)
+
+
+def _expression_adapter_state() -> dict:
+    """exp_adapter.bin as published: nested image_proj (MLP form) and ip_adapter dicts."""
+    from adapters.layers import SD15, cross_attention_layers
+
+    generator = torch.Generator().manual_seed(1)
+
+    def normal(*shape, std):
+        return torch.randn(*shape, generator=generator) * std
+
+    image_proj = {"proj.0.weight": normal(110, 55, std=0.1), "proj.0.bias": torch.zeros(110),
+                  "proj.2.weight": normal(4 * 768, 110, std=0.1), "proj.2.bias": torch.zeros(4 * 768),
+                  "norm.weight": torch.ones(768), "norm.bias": torch.zeros(768)}
+    ip_adapter = {}
+    for layer in cross_attention_layers(SD15):
+        block, index = layer.diffusers_name.split(".")[:2]
+        width = SD15_WIDTHS[block][0 if block == "mid_block" else int(index)]
+        for name in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{layer.checkpoint_number}.{name}.weight"] = normal(width, 768, std=768**-0.5)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def _half(state: dict) -> dict:
+    return {key: value.detach().to(torch.float16).contiguous() for key, value in state.items()}
