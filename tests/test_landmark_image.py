@@ -1,0 +1,110 @@
+"""FaceCrafter landmark image renderer: region tables, colours, determinism, coverage."""
+
+import math
+
+import pytest
+import torch
+
+from encoders.expressions import Landmarks
+from encoders.face_mesh import REGION_POLYLINES, REGIONS, region_edges, region_points
+from encoders.landmark_image import PALETTES, canvas_points, render_landmark_image
+
+pytest.importorskip("cv2")
+
+LAYOUT = {
+    "face_oval": (0.5, 0.5, 0.3, 0.4),
+    "right_eye": (0.38, 0.42, 0.06, 0.025),
+    "left_eye": (0.62, 0.42, 0.06, 0.025),
+    "right_eyebrow": (0.38, 0.34, 0.08, 0.02),
+    "left_eyebrow": (0.62, 0.34, 0.08, 0.02),
+    "right_iris": (0.38, 0.42, 0.015, 0.015),
+    "left_iris": (0.62, 0.42, 0.015, 0.015),
+    "nose": (0.5, 0.52, 0.04, 0.08),
+    "lips": (0.5, 0.66, 0.1, 0.035),
+}
+
+
+def synthetic_face() -> torch.Tensor:
+    points = torch.zeros(478, 3)
+    points[:, 0], points[:, 1] = 0.5, 0.52
+    for region, (cx, cy, rx, ry) in LAYOUT.items():
+        indices = list(dict.fromkeys(i for line in REGION_POLYLINES[region] for i in line))
+        for k, index in enumerate(indices):
+            angle = 2 * math.pi * k / len(indices)
+            points[index, 0] = cx + rx * math.cos(angle)
+            points[index, 1] = cy + ry * math.sin(angle)
+    return points
+
+
+def test_region_tables_match_mediapipe():
+    vision = pytest.importorskip("mediapipe.tasks.python.vision")
+    from encoders.face_mesh import MEDIAPIPE_CONNECTION_NAMES
+
+    for region in REGIONS:
+        theirs = {(c.start, c.end) for c in getattr(vision.FaceLandmarksConnections, MEDIAPIPE_CONNECTION_NAMES[region])}
+        assert set(region_edges(region)) == theirs, region
+    assert region_points("right_iris") == [469, 470, 471, 472]
+    with pytest.raises(KeyError):
+        region_points("ears")
+
+
+def test_render_is_deterministic_and_colours_regions():
+    landmarks = Landmarks(synthetic_face())
+    image = render_landmark_image(landmarks, 256, 256)
+    again = render_landmark_image(landmarks, 256, 256)
+    assert image.shape == (1, 256, 256, 3) and image.dtype == torch.float32
+    assert torch.equal(image, again)
+    pixels = (image[0] * 255).round().to(torch.int64)
+    ys, xs = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    drawn = pixels.sum(dim=-1) > 0
+    assert 0.01 < drawn.float().mean() < 0.2  # thin lines on black
+    for region, (cx, cy, rx, ry) in LAYOUT.items():
+        colour = torch.tensor(PALETTES["regions"][region])
+        hit = (pixels == colour).all(dim=-1)
+        assert hit.sum() > 5, region
+        # every pixel of the region's colour lies near its ellipse (line thickness 1..2 px)
+        margin = 3
+        assert (xs[hit] >= (cx - rx) * 256 - margin).all() and (xs[hit] <= (cx + rx) * 256 + margin).all(), region
+        assert (ys[hit] >= (cy - ry) * 256 - margin).all() and (ys[hit] <= (cy + ry) * 256 + margin).all(), region
+    # the eye outline is drawn at its outer corner; the cheek and background stay black
+    corner = (int(round(0.42 * 256)), int(round(0.44 * 256)))
+    assert (pixels[corner[0] - 2 : corner[0] + 3, corner[1] - 2 : corner[1] + 3] > 0).any()
+    assert pixels[int(0.58 * 256), int(0.36 * 256)].sum() == 0
+    assert pixels[5, 5].sum() == 0
+
+
+def test_render_options():
+    landmarks = Landmarks(torch.stack([synthetic_face(), synthetic_face()]))
+    image = render_landmark_image(landmarks, 128, 192)
+    assert image.shape == (2, 128, 192, 3)
+    mediapipe_style = render_landmark_image(landmarks, 128, 128, palette="mediapipe")
+    colours = {tuple(c) for c in (mediapipe_style[0] * 255).round().to(torch.int64).reshape(-1, 3).tolist()}
+    assert (255, 48, 48) in colours and (48, 255, 48) in colours
+    with pytest.raises(ValueError, match="unknown palette"):
+        render_landmark_image(landmarks, 64, 64, palette="rainbow")
+    with pytest.raises(ValueError, match="fit"):
+        render_landmark_image(landmarks, 64, 64, fit="stretch")
+    only_lips = render_landmark_image(landmarks, 128, 128, regions=["lips"])
+    lips = torch.tensor(PALETTES["regions"]["lips"]) / 255
+    drawn = only_lips[0].reshape(-1, 3)
+    drawn = drawn[drawn.sum(dim=1) > 0]
+    assert torch.allclose(drawn, lips.expand_as(drawn), atol=1 / 255)
+
+
+def test_face_fit_centres_the_face():
+    face = synthetic_face()
+    face[:, 0] = face[:, 0] * 0.5 + 0.05  # small face in the top-left corner
+    face[:, 1] = face[:, 1] * 0.5
+    placed = canvas_points(face.unsqueeze(0), 512, 512, fit="face", face_scale=1.5)[0]
+    centre = (placed.amin(dim=0) + placed.amax(dim=0)) / 2
+    assert torch.allclose(centre, torch.tensor([256.0, 256.0]), atol=0.5)
+    extent = (placed.amax(dim=0) - placed.amin(dim=0)).mean()
+    assert extent == pytest.approx(512 / 1.5, rel=1e-4)
+
+
+def test_mesh_option_draws_more():
+    pytest.importorskip("mediapipe")
+    landmarks = Landmarks(synthetic_face())
+    plain = render_landmark_image(landmarks, 128, 128)
+    meshed = render_landmark_image(landmarks, 128, 128, mesh=True)
+    assert (meshed.sum(dim=-1) > 0).sum() >= (plain.sum(dim=-1) > 0).sum()
