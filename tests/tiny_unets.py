@@ -108,3 +108,22 @@ def tiny_width(layout, layer) -> int:
         return CHANNELS * mult[-1]
     level = int(index) if block == "down_blocks" else len(mult) - 1 - int(index)
     return CHANNELS * mult[level]
+
+
+def random_reference_lora_state(rank: int = 4, seed: int = 0, form: str = "diffusers", alpha: float | None = None) -> dict:
+    """A Reference Adapter LoRA for the tiny SD1.5 UNet, in one of the published key forms."""
+    from adapters.lora import SELF_ATTENTION_TARGETS
+    from adapters.layers import self_attention_layers
+
+    generator = torch.Generator().manual_seed(seed)
+    down_key, up_key, prefix = {"diffusers": ("lora.down", "lora.up", "unet."), "peft": ("lora_A", "lora_B", "")}[form]
+    state = {}
+    for layer in self_attention_layers(SD15):
+        width = tiny_width(SD15, layer)
+        for target in SELF_ATTENTION_TARGETS:
+            module = f"{prefix}{layer.diffusers_name}.{target}"
+            state[f"{module}.{down_key}.weight"] = torch.randn(rank, width, generator=generator) * 0.2
+            state[f"{module}.{up_key}.weight"] = torch.randn(width, rank, generator=generator) * 0.2
+            if alpha is not None:
+                state[f"{module}.alpha"] = torch.tensor(alpha)
+    return state

@@ -8,6 +8,12 @@ in ``cross_attention_kwargs``::
          cross_attention_kwargs={"adapter_tokens": {"expression": tokens},   # (batch, T, D)
                                  "adapter_scale": {"expression": 1.0}})
 
+The Reference Adapter's write/read path travels the same way, as a :class:`ReferenceBank`::
+
+    bank = ReferenceBank()
+    reference_unet(ref_latent, 0, encoder_hidden_states=id_cond, cross_attention_kwargs={"reference": bank.writing()})
+    unet(latents, t, encoder_hidden_states=cond, cross_attention_kwargs={"reference": bank.reading(cond_rows)})
+
 Every attention layer gets this processor (self-attention layers with no branches), so diffusers
 passes the keyword arguments everywhere without warnings.
 """
@@ -20,23 +26,47 @@ import torch
 
 from adapters.attention import decoupled_attention, multi_head_attention
 from adapters.cross_attention_adapter import CrossAttentionAdapter
+from adapters.reference import reference_attention, reference_rows
+
+
+class ReferenceBank:
+    """Self-attention inputs recorded by a Reference UNet pass, read by the denoising UNet's passes."""
+
+    def __init__(self):
+        self.mode: str | None = None
+        self.features: dict[str, torch.Tensor] = {}
+        self.read_rows: torch.Tensor | None = None
+
+    def writing(self) -> ReferenceBank:
+        self.mode, self.features = "write", {}
+        return self
+
+    def reading(self, rows: torch.Tensor) -> ReferenceBank:
+        """``rows``: a bool per batch row, True for the (conditional) rows that read the reference."""
+        self.mode, self.read_rows = "read", rows.bool()
+        return self
 
 
 class AdapterAttnProcessor:
-    def __init__(self, branches: Mapping[str, torch.nn.Module] | None = None):
+    def __init__(self, name: str = "", branches: Mapping[str, torch.nn.Module] | None = None):
+        self.name = name
         self.branches = dict(branches or {})
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  adapter_tokens: Mapping[str, torch.Tensor] | None = None,
-                 adapter_scale: Mapping[str, float] | None = None, **unused):
+                 adapter_scale: Mapping[str, float] | None = None,
+                 reference: ReferenceBank | None = None, **unused):
         if attention_mask is not None:
             raise NotImplementedError("attention masks are not supported by the adapter processor")
         residual = hidden_states
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        query = attn.to_q(hidden_states)
-        out = multi_head_attention(query, attn.to_k(context), attn.to_v(context), attn.heads)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if reference is not None and encoder_hidden_states is None:
+            out = self._self_attention_with_reference(attn, hidden_states, query, key, value, reference)
+        else:
+            out = multi_head_attention(query, key, value, attn.heads)
         for name, branch in self.branches.items():
             tokens = (adapter_tokens or {}).get(name)
             if tokens is None:
@@ -49,14 +79,31 @@ class AdapterAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
+    def _self_attention_with_reference(self, attn, hidden_states, query, key, value, reference: ReferenceBank):
+        if reference.mode == "write":
+            reference.features[self.name] = hidden_states
+            return multi_head_attention(query, key, value, attn.heads)
+        rows = reference.read_rows.to(query.device)
+        out = torch.empty_like(query)
+        plain = ~rows
+        if plain.any():
+            out[plain] = multi_head_attention(query[plain], key[plain], value[plain], attn.heads)
+        if rows.any():
+            tokens = reference.features[self.name].to(query.dtype)
+            which = reference_rows(tokens.shape[0], int(rows.sum())).to(query.device)
+            out[rows] = reference_attention(query[rows], key[rows], value[rows], attn.to_k(tokens)[which],
+                                            attn.to_v(tokens)[which], attn.heads)
+        return out
 
-def attach_adapters(unet, adapters: Mapping[str, CrossAttentionAdapter]) -> None:
+
+def attach_adapters(unet, adapters: Mapping[str, CrossAttentionAdapter] | None = None) -> None:
     """Install :class:`AdapterAttnProcessor` on every attention layer of ``unet``.
 
     ``adapters`` maps the names used in ``adapter_tokens`` to adapters; each adapter's branches go
     on the layers of its catalogue. The adapters stay separate modules (train them, move them
     with ``.to()``); the UNet holds only references through its processors.
     """
+    adapters = adapters or {}
     module_names = {name.removesuffix(".processor") for name in unet.attn_processors}
     processors = {}
     for module_name in module_names:
@@ -65,7 +112,7 @@ def attach_adapters(unet, adapters: Mapping[str, CrossAttentionAdapter]) -> None
             for layer in adapter.layers:
                 if layer.diffusers_name == module_name:
                     branches[adapter_name] = adapter.branch(layer)
-        processors[f"{module_name}.processor"] = AdapterAttnProcessor(branches)
+        processors[f"{module_name}.processor"] = AdapterAttnProcessor(module_name, branches)
     for adapter_name, adapter in adapters.items():
         missing = [layer.diffusers_name for layer in adapter.layers if layer.diffusers_name not in module_names]
         if missing:

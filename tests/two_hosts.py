@@ -1,0 +1,45 @@
+"""One tiny UNet in both hosts (diffusers and ComfyUI) with the same weights and fixed inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from tiny_unets import CONTEXT_DIM, comfy_model, diffusers_unet, sdxl_added_conditions
+from training.diffusers_host import attach_adapters
+
+
+class Hosts:
+    """One tiny UNet in both hosts plus fixed inputs."""
+
+    def __init__(self, family: str, batch: int, seed: int = 0):
+        self.family = family
+        self.unet = diffusers_unet(family, seed)
+        self.model = comfy_model(family, self.unet.state_dict())
+        generator = torch.Generator().manual_seed(seed + 10)
+        self.batch = batch
+        self.x = torch.randn(batch, 4, 8, 8, generator=generator)
+        self.context = torch.randn(batch, 7, CONTEXT_DIM, generator=generator)
+        self.t = torch.full((batch,), 500.0)
+        self.added, self.y = sdxl_added_conditions(self.unet, batch) if family == "SDXL" else (None, None)
+
+    def comfy(self, model=None, cond_or_uncond=(0,), sigma=1.0):
+        """The ComfyUI UNet's output, after ComfyUI has loaded ``model`` (applying its weight patches)."""
+        import comfy.model_management
+
+        model = model or self.model
+        comfy.model_management.load_models_gpu([model])
+        options = dict(model.model_options["transformer_options"])
+        options["cond_or_uncond"] = list(cond_or_uncond)
+        options["sigmas"] = torch.full((self.batch,), float(sigma))
+        with torch.no_grad():
+            return model.model.diffusion_model(self.x, timesteps=self.t, context=self.context, y=self.y,
+                                               transformer_options=options)
+
+    def diffusers(self, adapter=None, tokens=None, scale=1.0, unet=None, **cross_attention_kwargs):
+        unet = unet or self.unet
+        if adapter is not None:
+            attach_adapters(unet, {"expression": adapter})
+            cross_attention_kwargs |= {"adapter_tokens": {"expression": tokens}, "adapter_scale": {"expression": scale}}
+        with torch.no_grad():
+            return unet(self.x, self.t, encoder_hidden_states=self.context, added_cond_kwargs=self.added,
+                        cross_attention_kwargs=cross_attention_kwargs or None).sample
