@@ -12,22 +12,13 @@ import torch
 
 from ..adapters.attention import decoupled_attention
 from ..adapters.layers import layout_for_cross_attention_keys
-
-COND, UNCOND = 0, 1  # the values ComfyUI puts in transformer_options["cond_or_uncond"]
+from .attention_host import COND, attention_before, transformer_blocks
 
 
 def cross_attention_widths(diffusion_model: torch.nn.Module) -> dict[tuple[str, int, int], int]:
-    """The ComfyUI patch key and query width of every cross-attention layer, read off the modules."""
-    groups = (("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
-              ("output", diffusion_model.output_blocks))
-    widths = {}
-    for block_name, blocks in groups:
-        for block_id, block in enumerate(blocks):
-            for module in block.modules():
-                for index, transformer in enumerate(getattr(module, "transformer_blocks", ())):
-                    if getattr(transformer, "attn2", None) is not None:
-                        widths[(block_name, block_id, index)] = transformer.attn2.to_q.out_features
-    return widths
+    """The ComfyUI patch key and query width of every cross-attention layer."""
+    return {key: block.attn2.to_q.out_features for key, block in transformer_blocks(diffusion_model).items()
+            if getattr(block, "attn2", None) is not None}
 
 
 def check_model_fits(adapter, model) -> None:
@@ -133,13 +124,7 @@ class CrossAttentionBranchPatch:
         return self
 
     def __call__(self, q, k, v, extra_options):
-        if self.previous is not None:
-            out = self.previous(q, k, v, extra_options)
-        else:
-            from comfy.ldm.modules.attention import optimized_attention
-
-            out = optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
-                                      transformer_options=extra_options)
+        out = attention_before(self.previous, q, k, v, extra_options)
         scale = self.tokens.gate.scale(extra_options)
         if scale == 0.0:
             return out

@@ -16,6 +16,8 @@ import torch
 VERSION = "v1"
 UNET_FILE = "diffusion_models/arc2face/diffusion_pytorch_model.safetensors"
 TEXT_ENCODER_FILE = "text_encoders/arc2face/pytorch_model.bin"
+# The same encoder weights in the hub's folder layout, for the Load Arc2Face ID Encoder node.
+ID_ENCODER_DIR = "arc2face/encoder"
 VAE_FILE = "vae/sd-vae-ft-mse/diffusion_pytorch_model.safetensors"
 EXPRESSION_ADAPTER_FILE = "expression_adapters/exp_adapter.bin"
 
@@ -30,13 +32,15 @@ def official_models_dir() -> Path:
     if not (models / ".complete").exists():
         _write_all(models)
         (models / ".complete").write_text("ok")
+    if not (models / ID_ENCODER_DIR / ".complete").exists():  # added after v1: caches from before lack it
+        _write_id_encoder_folder(models)
     return models
 
 
 def _write_all(models: Path) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     for name in (UNET_FILE, TEXT_ENCODER_FILE, VAE_FILE, EXPRESSION_ADAPTER_FILE):
@@ -47,8 +51,7 @@ def _write_all(models: Path) -> None:
     unet.save_config(models / UNET_FILE.rsplit("/", 1)[0])
     del unet
 
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+    text_encoder = CLIPTextModel(_text_encoder_config())
     # Published with transformers 4, whose CLIPTextModel keys start with "text_model."
     state = {key if key.startswith("text_model.") else f"text_model.{key}": value
              for key, value in text_encoder.state_dict().items()}
@@ -61,6 +64,33 @@ def _write_all(models: Path) -> None:
     del vae
 
     torch.save(_expression_adapter_state(), models / EXPRESSION_ADAPTER_FILE)
+    _write_id_encoder_folder(models)
+
+
+def _text_encoder_config():
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77)
+    config.architectures = ["CLIPTextModel"]
+    return config
+
+
+def _write_id_encoder_folder(models: Path) -> None:
+    """``arc2face/encoder/``: config.json + pytorch_model.bin (``text_model.*`` keys, as published), the
+    weights being the text-encoder file above (hard-linked where the file system allows, else copied)."""
+    import shutil
+
+    folder = models / ID_ENCODER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    _text_encoder_config().to_json_file(folder / "config.json")
+    weights = folder / "pytorch_model.bin"
+    weights.unlink(missing_ok=True)
+    try:
+        os.link(models / TEXT_ENCODER_FILE, weights)
+    except OSError:
+        shutil.copyfile(models / TEXT_ENCODER_FILE, weights)
+    (folder / ".complete").write_text("ok")
 
 
 def _expression_adapter_state() -> dict:

@@ -112,8 +112,8 @@ def tiny_width(layout, layer) -> int:
 
 def random_reference_lora_state(rank: int = 4, seed: int = 0, form: str = "diffusers", alpha: float | None = None) -> dict:
     """A Reference Adapter LoRA for the tiny SD1.5 UNet, in one of the published key forms."""
-    from adapters.lora import SELF_ATTENTION_TARGETS
     from adapters.layers import self_attention_layers
+    from adapters.lora import SELF_ATTENTION_TARGETS
 
     generator = torch.Generator().manual_seed(seed)
     down_key, up_key, prefix = {"diffusers": ("lora.down", "lora.up", "unet."), "peft": ("lora_A", "lora_B", "")}[form]

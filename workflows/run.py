@@ -8,7 +8,8 @@ The workflow must be in ComfyUI's API format (``*_api.json``). Overrides:
   --seed N                 every ``seed`` / ``noise_seed`` input
   --strength X             every ``strength`` input of an Expression Adapters node
   --image NODE=PATH        copy PATH into ComfyUI's input folder and point that LoadImage node at it
-  --models DIR             also search DIR/<folder> for models (DIR/diffusion_models, DIR/expression_adapters, ...)
+  --models DIR             also search DIR/<folder> for models (DIR/diffusion_models, DIR/expression_adapters, ...);
+                           may be given more than once (the last one given is searched first)
 Images the workflow saves go to ComfyUI's output folder (or --output-dir); their paths are printed.
 """
 
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--image", dest="images", action="append", default=[], metavar="NODE=PATH")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--strength", type=float)
-    parser.add_argument("--models", type=Path, help="extra models folder with ComfyUI's layout")
+    parser.add_argument("--models", type=Path, action="append", default=[],
+                        help="extra models folder with ComfyUI's layout (repeatable)")
     parser.add_argument("--output-dir", type=Path)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     args = parser.parse_args(argv)
@@ -184,8 +186,8 @@ def main(argv=None) -> int:
     load_pack(comfy_nodes, Path(tempfile.mkdtemp(prefix="expression_adapters_")))
     import folder_paths
 
-    if args.models:
-        add_model_dirs(args.models)
+    for models_dir in args.models:
+        add_model_dirs(models_dir)
     if args.output_dir:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         folder_paths.set_output_directory(str(args.output_dir.resolve()))

@@ -1,0 +1,69 @@
+"""Nodes for the Reference Adapter: edit a real photo's expression, keeping its look and background."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..adapters.lora import ReferenceLora
+from .reference_patch import apply_reference_adapter
+from .types import ReferenceAdapterType
+
+CATEGORY = "expression_adapters"
+REFERENCE_SIZE = 512  # the Reference UNet sees the aligned face at Arc2Face's training resolution
+
+
+class LoadReferenceAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadReferenceAdapter",
+            display_name="Load Reference Adapter",
+            category=f"{CATEGORY}/loaders",
+            description="Loads the Reference Adapter LoRA (ref_adapter/pytorch_lora_weights.safetensors as published) "
+                        "from ComfyUI/models/expression_adapters.",
+            inputs=[io.Combo.Input("lora_name", options=folder_paths.get_filename_list("expression_adapters"))],
+            outputs=[ReferenceAdapterType.Output(display_name="reference_adapter")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name):
+        return io.NodeOutput(ReferenceLora.from_file(folder_paths.get_full_path_or_raise("expression_adapters", lora_name)))
+
+
+class ApplyReferenceAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ApplyReferenceAdapter",
+            display_name="Apply Reference Adapter",
+            category=f"{CATEGORY}/apply",
+            description="Conditions generation on a reference photo (Reference UNet + self-attention LoRA), so an "
+                        "expression edit keeps the photo's look and background. Give an aligned face crop; other sizes "
+                        f"are centre-cropped to a square and resized to {REFERENCE_SIZE}x{REFERENCE_SIZE}. "
+                        "Composes with Apply Expression Adapter in either order.",
+            inputs=[
+                io.Model.Input("model"),
+                ReferenceAdapterType.Input("reference_adapter"),
+                io.Vae.Input("vae"),
+                io.Image.Input("reference_image", tooltip="One reference, or one per output image"),
+                io.Conditioning.Input("id_conditioning", tooltip="The positive output of Arc2Face ID Conditioning"),
+                io.Float.Input("lora_strength", default=ReferenceLora.default_strength, min=0.0, max=2.0, step=0.05,
+                               tooltip="Lower trades faithfulness to the reference for expression fidelity (paper Fig. 9)"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, reference_adapter, vae, reference_image, id_conditioning, lora_strength):
+        import comfy.utils
+
+        pixels = comfy.utils.common_upscale(reference_image[..., :3].movedim(-1, 1), REFERENCE_SIZE, REFERENCE_SIZE,
+                                            "bilinear", "center").movedim(1, -1)
+        latent = vae.encode(pixels)
+        context = id_conditioning[0][0]
+        patched, _ = apply_reference_adapter(model, reference_adapter, latent, context, lora_strength)
+        return io.NodeOutput(patched)
+
+
+NODES = [LoadReferenceAdapter, ApplyReferenceAdapter]

@@ -1,0 +1,145 @@
+"""ComfyUI host for the Reference Adapter: capture reference features once, read them every step.
+
+Write: the model as it came in (without our LoRA or adapters) runs once, at timestep 0, on the
+clean latent of the reference face with the ID conditioning, under ComfyUI's memory management;
+an ``attn1_patch`` records every transformer block's ``norm1`` output.
+
+Read: an ``attn1`` replace per self-attention layer. Conditional rows attend over their own
+tokens plus the recorded ones, projected by the block's own ``to_k``/``to_v`` (LoRA-patched by
+ComfyUI's weight patching). Unconditional rows run exactly the computation of the unpatched model,
+so they stay bit-identical to it; that is why this is a replace and not an ``attn1_patch``
+lengthening the context for every row.
+
+The LoRA goes through ``ModelPatcher.add_patches`` with native keys, so it composes with other
+LoRAs, low-VRAM loading and ``unpatch_model``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters.layers import SD15, self_attention_layers
+from ..adapters.reference import reference_attention, reference_rows
+from .attention_host import COND, attention_before, transformer_blocks
+
+
+def check_sd15(model, kind: str) -> None:
+    diffusion_model = model.get_model_object("diffusion_model")
+    keys = set(transformer_blocks(diffusion_model)) if hasattr(diffusion_model, "input_blocks") else set()
+    if keys != {layer.comfy_key for layer in self_attention_layers(SD15)}:
+        raise ValueError(f"the {kind} supports SD1.5-family models (Arc2Face) only; this model has {len(keys)} "
+                         "transformer blocks (SDXL has 70, SD1.5 16)")
+
+
+class ReferenceFeatures:
+    """The recorded ``norm1`` outputs: {patch key: (references, tokens, width)} on the offload device."""
+
+    def __init__(self):
+        self.features: dict[tuple[str, int, int], torch.Tensor] = {}
+        self.captures = 0  # how many times the write pass ran (tests check: once per generation)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def record(self, n, context, value, extra_options):
+        block = extra_options["block"]
+        self.features[(block[0], block[1], extra_options.get("block_index", 0))] = n.detach().to("cpu", torch.float32)
+        return n, context, value
+
+    @property
+    def num_references(self) -> int:
+        return next(iter(self.features.values())).shape[0]
+
+
+def capture_reference_features(model, latent: torch.Tensor, context: torch.Tensor) -> ReferenceFeatures:
+    """Run ``model`` once at timestep 0 on the clean ``latent`` and record every block's ``norm1`` output."""
+    import comfy.model_management
+
+    features = ReferenceFeatures()
+    comfy.model_management.load_models_gpu([model])
+    base_model = model.model
+    device = model.load_device
+    sampling = base_model.model_sampling
+    sigma = sampling.sigma(torch.zeros(1)).to(device)  # the sigma of timestep 0
+    # apply_model divides the input by sqrt(sigma^2 + 1): undo it so the UNet sees the clean latent
+    x = base_model.process_latent_in(latent.to(device)) * (sigma**2 + 1).sqrt()
+    context = context.to(device)
+    if context.shape[0] == 1 and x.shape[0] > 1:
+        context = context.expand(x.shape[0], -1, -1)
+    # only the recorder: the Reference UNet runs without our (or anyone's) adapters
+    options = {"patches": {"attn1_patch": [features.record]}, "cond_or_uncond": [COND]}
+    with torch.no_grad():
+        base_model.apply_model(x, sigma.expand(x.shape[0]), c_crossattn=context, transformer_options=options)
+    features.captures += 1
+    return features
+
+
+class ReferenceAttentionPatch:
+    """The ``attn1`` replace for one transformer block."""
+
+    def __init__(self, features: ReferenceFeatures, key, attn1: torch.nn.Module, previous=None):
+        self.features = features
+        self.key = key
+        self.attn1 = attn1
+        self.previous = previous
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def _plain(self, q, k, v, extra_options):
+        return attention_before(self.previous, q, k, v, extra_options)
+
+    def __call__(self, q, k, v, extra_options):
+        order = extra_options.get("cond_or_uncond") or [COND]
+        if COND not in order:
+            return self._plain(q, k, v, extra_options)
+        chunk = q.shape[0] // len(order)
+        reference = self.features.features[self.key].to(q.device, q.dtype)
+        rows = reference_rows(reference.shape[0], chunk).to(q.device)
+        reference_key, reference_value = self.attn1.to_k(reference)[rows], self.attn1.to_v(reference)[rows]
+        if all(kind == COND for kind in order):
+            return self._read(q, k, v, reference_key.repeat(len(order), 1, 1), reference_value.repeat(len(order), 1, 1),
+                              extra_options)
+        out = torch.empty_like(q)
+        uncond = torch.cat([torch.arange(i * chunk, (i + 1) * chunk) for i, kind in enumerate(order) if kind != COND]).to(q.device)
+        out[uncond] = self._plain(q[uncond], k[uncond], v[uncond], extra_options)
+        for i, kind in enumerate(order):
+            if kind == COND:
+                rows_i = slice(i * chunk, (i + 1) * chunk)
+                out[rows_i] = self._read(q[rows_i], k[rows_i], v[rows_i], reference_key, reference_value, extra_options)
+        return out
+
+    @staticmethod
+    def _read(q, k, v, reference_key, reference_value, extra_options):
+        return reference_attention(q, k, v, reference_key, reference_value, extra_options["n_heads"]).to(q.dtype)
+
+
+def native_lora_patches(model, lora, strength: float) -> dict:
+    """{native weight key: LoRA adapter} through ComfyUI's own diffusers->ComfyUI key mapping."""
+    import comfy.utils
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    unet_config = model.model.model_config.unet_config
+    diffusers_to_comfy = comfy.utils.unet_to_diffusers(unet_config)
+    patches = {}
+    for module, weights in lora.modules.items():
+        native = f"diffusion_model.{diffusers_to_comfy[f'{module}.weight']}"
+        patches[native] = LoRAAdapter(set(), (weights.up, weights.down, weights.alpha, None, None, None))
+    return patches
+
+
+def apply_reference_adapter(model, lora, latent: torch.Tensor, context: torch.Tensor, lora_strength: float):
+    """A clone of ``model`` reading reference features captured now from ``model`` itself, with the LoRA on."""
+    check_sd15(model, lora.kind)
+    features = capture_reference_features(model, latent, context)
+    patched = model.clone()
+    patches = native_lora_patches(patched, lora, lora_strength)
+    applied = patched.add_patches(patches, lora_strength)
+    if len(applied) != len(patches):
+        raise ValueError(f"{lora.kind}: {len(patches) - len(applied)} LoRA weights have no matching model weight")
+    blocks = transformer_blocks(patched.model.diffusion_model)
+    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
+    for layer in self_attention_layers(SD15):
+        patch = ReferenceAttentionPatch(features, layer.comfy_key, blocks[layer.comfy_key].attn1, existing.get(layer.comfy_key))
+        patched.set_model_attn1_replace(patch, *layer.comfy_key)
+    return patched, features

@@ -1,0 +1,113 @@
+"""Tiny ONNX face models exported from torch, so insightface + onnxruntime run for real without weights.
+
+- :func:`export_recognizer`: a tiny conv net (112x112x3 -> 512), loaded by insightface as ArcFace.
+- :func:`export_detector`: a stand-in with SCRFD's nine outputs (3 strides x scores, box distances,
+  keypoint offsets) whose values place given faces (the real t1.jpg faces from shared/testdata) on
+  anchors, so insightface's own SCRFD decoding, letterbox scaling and NMS run on it. It "finds"
+  those faces in any picture; with ``blank_sees_nothing`` it finds none in an all-black picture.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+DET_SIZE = 640
+
+
+def insightface_images() -> Path:
+    """insightface's shipped pictures (t1.jpg with 6 faces, Tom_Hanks_54745.png)."""
+    import insightface
+
+    return Path(insightface.__file__).parent / "data" / "images"
+
+
+def load_t1():
+    """t1.jpg as RGB uint8 and the boxes + 5 keypoints of three of its faces; None where the test data is absent."""
+    import cv2
+
+    if not (TESTDATA / "t1_faces.npz").is_file():
+        return None
+    faces = np.load(TESTDATA / "t1_faces.npz")
+    bgr = cv2.imread(str(insightface_images() / "t1.jpg"))
+    return bgr[:, :, ::-1].copy(), faces["boxes"].astype(np.float32), faces["kps5"].astype(np.float32)
+
+
+class TinyRecognizer(torch.nn.Module):
+    def __init__(self, nan: bool = False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+        self.fc = torch.nn.Linear(8 * 14 * 14, 512)
+        self.nan = nan
+
+    def forward(self, x):
+        out = self.fc(torch.relu(self.conv(x)).flatten(1))
+        if self.nan:
+            # inputs are in [-1, 1], so this is the square root of a negative number
+            out = out * torch.sqrt(x.mean() - 5.0)
+        return out
+
+
+class ConstantOutputs(torch.nn.Module):
+    """Returns fixed tensors; the first ``gated`` are zeroed when every input value is below -0.99
+    (SCRFD feeds ``(pixel - 127.5) / 128``, so a black picture is -0.996 everywhere)."""
+
+    def __init__(self, outputs, gated: int = 0):
+        super().__init__()
+        for index, value in enumerate(outputs):
+            self.register_buffer(f"out{index}", torch.as_tensor(value, dtype=torch.float32))
+        self.count = len(outputs)
+        self.gated = gated
+
+    def forward(self, x):
+        zero = x.mean() * 0.0
+        seen = (x.amax() > -0.99).float()
+        return tuple(
+            getattr(self, f"out{index}") * (seen if index < self.gated else 1.0) + zero for index in range(self.count)
+        )
+
+
+def _export(module, example, path, names):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(), (example,), str(path), input_names=["input.1"], output_names=names,
+            dynamic_axes={"input.1": {0: "batch"}} if example.shape[-1] == 112 else None, dynamo=False,
+        )
+    return path
+
+
+def export_recognizer(path, seed=0, nan=False):
+    torch.manual_seed(seed)
+    module = TinyRecognizer(nan=nan)
+    _export(module, torch.zeros(1, 3, 112, 112), path, ["embedding"])
+    return module
+
+
+def export_detector(path, boxes, kps, scores, image_hw, det_size=DET_SIZE, blank_sees_nothing=False):
+    """SCRFD-shaped outputs that decode to ``boxes``/``kps`` (image pixels) after insightface's
+    letterboxing of an ``image_hw`` picture to ``det_size``."""
+    height, width = image_hw
+    scale = det_size / width if height / width <= 1 else det_size / height
+    outputs = {"scores": [], "boxes": [], "kps": []}
+    for stride in (8, 16, 32):
+        cells = det_size // stride
+        count = cells * cells * 2
+        outputs["scores"].append(np.zeros((count, 1), np.float32))
+        outputs["boxes"].append(np.ones((count, 4), np.float32))
+        outputs["kps"].append(np.zeros((count, 10), np.float32))
+    stride = 8
+    for box, points, score in zip(boxes, kps, scores):
+        box_det, points_det = np.asarray(box) * scale, np.asarray(points) * scale
+        cx, cy = int((box_det[0] + box_det[2]) / 2 / stride), int((box_det[1] + box_det[3]) / 2 / stride)
+        anchor = (cy * (det_size // stride) + cx) * 2
+        centre = np.array([cx * stride, cy * stride], np.float32)
+        outputs["scores"][0][anchor] = score
+        outputs["boxes"][0][anchor] = np.r_[centre - box_det[:2], box_det[2:] - centre] / stride
+        outputs["kps"][0][anchor] = ((points_det - centre) / stride).reshape(-1)
+    module = ConstantOutputs(outputs["scores"] + outputs["boxes"] + outputs["kps"], gated=3 if blank_sees_nothing else 0)
+    return _export(module, torch.zeros(1, 3, det_size, det_size), path, [f"out{i}" for i in range(9)])
