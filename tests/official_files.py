@@ -20,6 +20,7 @@ TEXT_ENCODER_FILE = "text_encoders/arc2face/pytorch_model.bin"
 ID_ENCODER_DIR = "arc2face/encoder"
 VAE_FILE = "vae/sd-vae-ft-mse/diffusion_pytorch_model.safetensors"
 EXPRESSION_ADAPTER_FILE = "expression_adapters/exp_adapter.bin"
+REFERENCE_LORA_FILE = "expression_adapters/ref_adapter/pytorch_lora_weights.safetensors"
 
 SD15_UNET_CONFIG = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
                         block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
@@ -34,6 +35,8 @@ def official_models_dir() -> Path:
         (models / ".complete").write_text("ok")
     if not (models / ID_ENCODER_DIR / ".complete").exists():  # added after v1: caches from before lack it
         _write_id_encoder_folder(models)
+    if not (models / REFERENCE_LORA_FILE).exists():  # added after v1 too
+        _write_reference_lora(models / REFERENCE_LORA_FILE)
     return models
 
 
@@ -112,6 +115,25 @@ def _expression_adapter_state() -> dict:
         for name in ("to_k_ip", "to_v_ip"):
             ip_adapter[f"{layer.checkpoint_number}.{name}.weight"] = normal(width, 768, std=768**-0.5)
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def _write_reference_lora(path: Path) -> None:
+    """ref_adapter/pytorch_lora_weights.safetensors as published: rank 128, ``unet.*.lora.down/up`` keys."""
+    from adapters.checkpoints import write_safetensors
+    from adapters.layers import SD15, self_attention_layers
+    from adapters.lora import SELF_ATTENTION_TARGETS
+
+    generator = torch.Generator().manual_seed(2)
+    state = {}
+    for layer in self_attention_layers(SD15):
+        block, index = layer.diffusers_name.split(".")[:2]
+        width = SD15_WIDTHS[block][0 if block == "mid_block" else int(index)]
+        for target in SELF_ATTENTION_TARGETS:
+            module = f"unet.{layer.diffusers_name}.{target}"
+            state[f"{module}.lora.down.weight"] = torch.randn(128, width, generator=generator) * width**-0.5
+            state[f"{module}.lora.up.weight"] = torch.randn(width, 128, generator=generator) * 0.01
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(_half(state), path)
 
 
 def _half(state: dict) -> dict:

@@ -312,7 +312,7 @@ def run_id_workflow(name: str, tmp_path: Path, face_models: Path) -> list[Path]:
     return [Path(line) for line in printed.getvalue().split()]
 
 
-@pytest.mark.parametrize("name", ["arc2face_id_api.json", "arc2face_id_expression_api.json"])
+@pytest.mark.parametrize("name", ["arc2face_id_api.json", "arc2face_id_expression_api.json", "arc2face_reference_api.json"])
 def test_id_workflow_runs_headless_on_a_photo(comfy, comfy_dirs, face_models, name):
     [saved] = run_id_workflow(name, comfy_dirs, face_models)
     image = np.asarray(Image.open(saved))
