@@ -6,8 +6,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..adapters.lora import ReferenceLora
+from ..encoders.face_align import aligned_portraits
 from .reference_patch import apply_reference_adapter
-from .types import ReferenceAdapterType
+from .types import FaceAnalyzerType, ReferenceAdapterType
 
 CATEGORY = "expression_adapters"
 REFERENCE_SIZE = 512  # the Reference UNet sees the aligned face at Arc2Face's training resolution
@@ -39,8 +40,9 @@ class ApplyReferenceAdapter(io.ComfyNode):
             display_name="Apply Reference Adapter",
             category=f"{CATEGORY}/apply",
             description="Conditions generation on a reference photo (Reference UNet + self-attention LoRA), so an "
-                        "expression edit keeps the photo's look and background. Give an aligned face crop; other sizes "
-                        f"are centre-cropped to a square and resized to {REFERENCE_SIZE}x{REFERENCE_SIZE}. "
+                        "expression edit keeps the photo's look and background. With a face analyzer connected the "
+                        f"reference face is aligned to a {REFERENCE_SIZE}x{REFERENCE_SIZE} portrait, as Arc2Face saw in "
+                        "training; without one the image is centre-cropped to a square and resized. "
                         "Composes with Apply Expression Adapter in either order.",
             inputs=[
                 io.Model.Input("model"),
@@ -50,16 +52,22 @@ class ApplyReferenceAdapter(io.ComfyNode):
                 io.Conditioning.Input("id_conditioning", tooltip="The positive output of Arc2Face ID Conditioning"),
                 io.Float.Input("lora_strength", default=ReferenceLora.default_strength, min=0.0, max=2.0, step=0.05,
                                tooltip="Lower trades faithfulness to the reference for expression fidelity (paper Fig. 9)"),
+                FaceAnalyzerType.Input("face_analyzer", optional=True,
+                                       tooltip="Aligns the reference face (largest face); without it the reference "
+                                               "should already be an aligned portrait"),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, reference_adapter, vae, reference_image, id_conditioning, lora_strength):
+    def execute(cls, model, reference_adapter, vae, reference_image, id_conditioning, lora_strength, face_analyzer=None):
         import comfy.utils
 
-        pixels = comfy.utils.common_upscale(reference_image[..., :3].movedim(-1, 1), REFERENCE_SIZE, REFERENCE_SIZE,
-                                            "bilinear", "center").movedim(1, -1)
+        if face_analyzer is not None:
+            pixels = aligned_portraits(face_analyzer, reference_image, REFERENCE_SIZE)
+        else:
+            pixels = comfy.utils.common_upscale(reference_image[..., :3].movedim(-1, 1), REFERENCE_SIZE, REFERENCE_SIZE,
+                                                "bilinear", "center").movedim(1, -1)
         latent = vae.encode(pixels)
         context = id_conditioning[0][0]
         patched, _ = apply_reference_adapter(model, reference_adapter, latent, context, lora_strength)

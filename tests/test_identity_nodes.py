@@ -319,3 +319,15 @@ def test_id_workflow_runs_headless_on_a_photo(comfy, comfy_dirs, face_models, na
     assert saved.parent == comfy_dirs / "output" and image.shape == (64, 64, 3) and image.std() > 0
     previews = list((comfy_dirs / "temp").glob("*.png"))
     assert len(previews) == 1 and np.asarray(Image.open(previews[0])).shape == (112, 112, 3)  # the aligned face
+
+
+def test_reference_faces_are_aligned_to_portraits_and_faceless_references_named(comfy, analyzer, t1):
+    rgb, boxes, kps = t1
+    face_align = comfy.pack.encoders.face_align
+    portraits = face_align.aligned_portraits(analyzer, image_tensor(rgb), 512)
+    largest = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+    expected = face_align.align_portrait(rgb, kps[largest], 512)
+    assert portraits.shape == (1, 512, 512, 3)
+    assert np.array_equal((portraits[0].numpy() * 255).round().astype(np.uint8), expected)
+    with pytest.raises(comfy.pack.encoders.identity.FaceNotFoundError, match="No face found in image 1 of 2"):
+        face_align.aligned_portraits(analyzer, image_tensor(rgb, np.zeros_like(rgb)), 512)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from pathlib import Path
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_MODULE = "comfyui_expression_adapters"
 _loaded_pack = None
+_extra_nodes_loaded = False
 
 
 def find_comfyui(explicit: str | None = None) -> Path | None:
@@ -53,6 +55,10 @@ def start_comfyui(comfyui: Path, force_cpu: bool | None = None):
 
     if not hasattr(nodes, "load_custom_node"):
         raise ImportError(f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py")
+    global _extra_nodes_loaded
+    if not _extra_nodes_loaded:  # ComfyUI's own comfy_extras nodes (SamplerCustom, LatentBatchSeedBehavior, ...)
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        _extra_nodes_loaded = True
     return nodes
 
 
@@ -182,8 +188,9 @@ def main(argv=None) -> int:
     if comfyui is None:
         parser.error("no ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH")
     comfy_nodes = start_comfyui(comfyui, force_cpu=True if args.cpu else None)
-    asyncio.run(comfy_nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    load_pack(comfy_nodes, Path(tempfile.mkdtemp(prefix="expression_adapters_")))
+    custom_nodes = Path(tempfile.mkdtemp(prefix="expression_adapters_"))
+    atexit.register(shutil.rmtree, custom_nodes, True)  # removes the link only, never the pack it points to
+    load_pack(comfy_nodes, custom_nodes)
     import folder_paths
 
     for models_dir in args.models:
