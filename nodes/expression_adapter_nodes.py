@@ -6,7 +6,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..adapters.expression_adapter import FLAME_DIM, ExpressionAdapter
+from ..adapters.expression_adapter import ExpressionAdapter
+from ..encoders.expression_edit import edit_flame
 from ..encoders.expressions import FlameExpression
 from .cross_attention_patch import apply_cross_attention_branch
 from .types import ExpressionAdapterType, FlameExpressionType
@@ -57,13 +58,9 @@ class FlameExpressionNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, json_values, jaw_open, eyelid_left, eyelid_right, **components):
-        expression = FlameExpression.from_json(json_values) if json_values.strip() else FlameExpression.neutral()
-        offsets = torch.zeros(FLAME_DIM)
-        for i in range(1, 6):
-            offsets[i - 1] = components[f"expression_{i}"]
-        offsets[50], offsets[51], offsets[52] = eyelid_left, eyelid_right, jaw_open
-        return io.NodeOutput(FlameExpression(expression.values + offsets))
+    def execute(cls, json_values, **controls):
+        base = FlameExpression.from_json(json_values) if json_values.strip() else None
+        return io.NodeOutput(edit_flame(base, "offset", controls))
 
 
 class ApplyExpressionAdapter(io.ComfyNode):

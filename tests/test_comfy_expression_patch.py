@@ -138,3 +138,22 @@ def test_expression_rows_must_match_the_batch(comfy):
     patched = apply(comfy, hosts.model, random_expression_adapter(), torch.randn(3, 55))
     with pytest.raises(ValueError, match="the expression has 3 rows but the batch has 2 images"):
         hosts.comfy(patched)
+
+
+def test_flame_expression_node_builds_from_json_and_controls(comfy):
+    node = comfy.pack.nodes.expression_adapter_nodes.FlameExpressionNode
+    controls = {"jaw_open": 0.3, "eyelid_left": 0.5, "eyelid_right": 0.0, **{f"expression_{i}": 0.0 for i in range(1, 6)}}
+    controls["expression_2"] = -1.0
+    rows = [[0.1] * 55, [0.2] * 55]
+    [expression] = node.execute(json_values=str(rows), **controls).result
+    expected = torch.tensor(rows)
+    expected[:, 52] += 0.3
+    expected[:, 50] += 0.5
+    expected[:, 1] -= 1.0
+    torch.testing.assert_close(expression.values, expected)
+    [neutral] = node.execute(json_values="", **{**controls, "jaw_open": 0.0, "eyelid_left": 0.0, "expression_2": 0.0}).result
+    assert torch.equal(neutral.values, torch.zeros(1, 55))
+    with pytest.raises(ValueError, match=r"shape \(batch, 55\); got \(1, 52\)"):
+        node.execute(json_values=str([0.0] * 52), **controls)
+    with pytest.raises(ValueError, match="not valid JSON|NaN"):
+        node.execute(json_values="[" + ", ".join(["NaN"] * 55) + "]", **controls)
