@@ -116,3 +116,25 @@ def test_an_sdxl_model_is_refused(comfy):
     with pytest.raises(ValueError, match="supports SD1.5-family models"):
         comfy.pack.nodes.reference_patch.apply_reference_adapter(hosts.model, lora, torch.zeros(1, 4, 8, 8),
                                                                  torch.zeros(1, 7, CONTEXT_DIM), 0.8)
+
+
+def test_composes_with_the_expression_adapter_in_either_order(comfy):
+    from tiny_unets import random_expression_adapter
+
+    hosts = Hosts("SD1.5", batch=2)
+    adapter = random_expression_adapter()
+    expression = torch.randn(1, 55)
+    with torch.no_grad():
+        tokens, uncond = adapter.expression_tokens(expression), adapter.unconditional_tokens()
+    apply_expression = comfy.pack.nodes.cross_attention_patch.apply_cross_attention_branch
+    lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
+    apply_reference = comfy.pack.nodes.reference_patch.apply_reference_adapter
+    latent, id_context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, CONTEXT_DIM)
+
+    expression_first, _ = apply_reference(apply_expression(hosts.model, adapter, tokens, uncond), lora, latent, id_context, 0.8)
+    reference_first, _ = apply_reference(hosts.model, lora, latent, id_context, 0.8)
+    reference_first = apply_expression(reference_first, adapter, tokens, uncond)
+    reference_only, _ = apply_reference(hosts.model, lora, latent, id_context, 0.8)
+    one = hosts.comfy(expression_first, cond_or_uncond=[1, 0])
+    assert torch.equal(one, hosts.comfy(reference_first, cond_or_uncond=[1, 0]))
+    assert (one - hosts.comfy(reference_only, cond_or_uncond=[1, 0])).abs().max() > 1e-3  # both act
