@@ -54,6 +54,7 @@ def start_comfyui(comfyui: Path, force_cpu: bool | None = None):
     # ComfyUI's utils package first, as main.py does: nodes.py puts comfy/ (which has a utils.py) at
     # the front of sys.path, after which "utils" would resolve to that file
     import utils.install_util  # noqa: F401
+
     import nodes
 
     if not hasattr(nodes, "load_custom_node"):

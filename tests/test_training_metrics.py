@@ -1,0 +1,111 @@
+"""Metric functions on hand-made arrays: EmojiDiff's Exp and LMS (supplementary A), ID cosine, Exp-MSE, FID."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from training import metrics
+from training.evaluate import format_table, pair, score_pair
+
+
+def face(points: dict[int, tuple[float, float]]) -> np.ndarray:
+    landmarks = np.zeros((478, 3))
+    for index, (x, y) in points.items():
+        landmarks[index, :2] = (x, y)
+    return landmarks
+
+
+# eye corners 33/133 (left) and 362/263 (right), lids 159/145 and 386/374, irises 468/473, mouth 61/291 and 0/17
+REFERENCE = {33: (0, 0), 133: (4, 0), 159: (2, -1), 145: (2, 1), 468: (1, 0),
+             362: (10, 0), 263: (16, 0), 386: (13, -0.5), 374: (13, 1), 473: (12, 0),
+             61: (5, 10), 291: (11, 10), 0: (8, 9), 17: (8, 12)}
+
+
+def test_lms_ratios_follow_the_supplementary_formula():
+    ratios = metrics.lms_ratios(face(REFERENCE))
+    expected = {"leye": 2 / 4, "lpupil": 3 / 4, "reye": 1.5 / 6, "rpupil": 4 / 6, "mouth": 3 / 6}
+    for name, value in expected.items():
+        np.testing.assert_allclose(ratios[name], [value], err_msg=name)
+
+
+def test_lms_sums_absolute_ratio_differences():
+    closed_mouth = REFERENCE | {17: (8, 9)}  # mouth ratio 0.5 -> 0
+    looking_in = REFERENCE | {468: (3, 0)}  # left pupil ratio 0.75 -> 0.25
+    generated = np.stack([face(REFERENCE), face(closed_mouth), face(looking_in), face(closed_mouth | {468: (3, 0)})])
+    scores = metrics.lms_score(np.repeat(face(REFERENCE)[None], 4, axis=0), generated)
+    np.testing.assert_allclose(scores, [0.0, 0.5, 0.5, 1.0])
+    # ratios do not depend on where the face is or how large it is
+    moved = face({k: (3 * x + 7, 3 * y - 2) for k, (x, y) in REFERENCE.items()})
+    np.testing.assert_allclose(metrics.lms_score(face(REFERENCE), moved), [0.0], atol=1e-12)
+
+
+def test_lms_guards_a_closed_eye_corner_and_uses_pixels_when_sizes_are_known():
+    degenerate = face(REFERENCE | {133: (0, 0)})  # both corners on one point: denominator 1e-5
+    ratios = metrics.lms_ratios(degenerate)
+    np.testing.assert_allclose(ratios["leye"], [2 / 1e-5])
+    # normalised coordinates of a 2:1 picture: x distances shrink by half unless the size is given
+    normalised = face({k: (x / 2, y) for k, (x, y) in REFERENCE.items()})
+    np.testing.assert_allclose(metrics.lms_score(face(REFERENCE), normalised, generated_size=(1, 2)), [0.0], atol=1e-12)
+    assert metrics.lms_score(face(REFERENCE), normalised)[0] > 0.1
+    with pytest.raises(ValueError, match="478"):
+        metrics.lms_ratios(np.zeros((468, 3)))
+
+
+def test_exp_is_the_sum_of_absolute_blendshape_differences():
+    reference = np.zeros((2, 52))
+    generated = np.zeros((2, 52))
+    generated[0, [9, 10]] = [0.8, 0.3]  # eyeBlinkLeft, eyeBlinkRight
+    generated[1, 25] = 0.6  # jawOpen
+    reference[1, 25] = 0.9
+    np.testing.assert_allclose(metrics.exp_score(reference, generated), [1.1, 0.3])
+    with pytest.raises(ValueError, match="52"):
+        metrics.exp_score(np.zeros(51), np.zeros(51))
+
+
+def test_id_similarity_and_exp_mse():
+    a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    b = np.array([[2.0, 0.0], [-1.0, -1.0]])
+    np.testing.assert_allclose(metrics.id_similarity(a, b), [1.0, -1.0])
+    reference, generated = np.zeros((1, 55)), np.zeros((1, 55))
+    generated[0, :5] = 1.0
+    np.testing.assert_allclose(metrics.exp_mse(reference, generated), [5 / 55])
+    np.testing.assert_allclose(metrics.exp_mse(reference, generated, slice(0, 50)), [5 / 50])
+
+
+def test_frechet_distance_of_known_gaussians():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(4000, 3))
+    assert metrics.fid_from_features(features, features) == pytest.approx(0.0, abs=1e-6)
+    # equal covariances: only the squared mean difference remains
+    np.testing.assert_allclose(metrics.frechet_distance(np.zeros(3), np.eye(3), np.array([1.0, 2.0, 2.0]), np.eye(3)), 9.0)
+    # variances 1 and 4 in one dimension: (1 - 2)^2 = 1
+    np.testing.assert_allclose(metrics.frechet_distance(np.zeros(1), np.eye(1), np.zeros(1), 4 * np.eye(1)), 1.0)
+
+
+def test_fid_without_inception_weights_says_what_to_give(tmp_path):
+    with pytest.raises(metrics.InceptionWeightsMissing, match="--inception-weights"):
+        metrics.InceptionFeatures(None)
+    with pytest.raises(metrics.InceptionWeightsMissing, match="--inception-weights"):
+        metrics.InceptionFeatures(tmp_path / "absent.pth")
+
+
+def test_pairing_by_name_accepts_comfyui_counters_and_scores_what_both_sides_have(tmp_path):
+    names = ["a_00001_.png", "b.png", "c_00003_.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    paths = sorted(tmp_path.iterdir())
+    entries = [{"generated": "b"}, {"generated": "a.png"}, {"generated": "zzz"}]
+    matched = pair(paths, entries, "name")
+    assert [(p.name, e["generated"]) for p, e in matched] == [("b.png", "b"), ("a_00001_.png", "a.png")]
+    with pytest.raises(SystemExit, match="3 generated pictures but 2 targets"):
+        pair(paths, entries[:2], "order")
+    row = score_pair({"id_embedding": np.ones(4), "flame": np.zeros(55), "image_size": (64, 64)},
+                     {"id_embedding": np.ones(4), "blendshapes": np.zeros(52), "flame": np.ones(55)})
+    assert row == {"id_similarity": pytest.approx(1.0), "exp_mse": pytest.approx(1.0)}
+    summary = {"metrics": metrics.summarise([row, {"id_similarity": 0.5}], ["id_similarity", "exp_mse"])}
+    assert summary["metrics"]["id_similarity"] == {"mean": 0.75, "std": 0.25, "count": 2}
+    assert "| exp_mse | 1.0000 | 0.0000 | 1 |" in format_table(summary)
+    json.dumps(summary)

@@ -1,0 +1,172 @@
+"""training.prepare on real pictures with tiny official-format face and SMIRK models.
+
+Checks the shard format (a plain tar any WebDataset reader groups by key), that unreadable files
+and faceless pictures are skipped and counted, that an interrupted run resumes without
+duplicates, that video frames keep their clip id and time, and the shard split across processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data import ShardDataset
+from training.prepare import main as prepare
+from training.shards import load_index, read_member
+from training_helpers import PreparedModels, write_clip, write_pictures
+
+pytest.importorskip("insightface")
+pytest.importorskip("timm")
+pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    models = PreparedModels(tmp_path_factory.mktemp("prepare_models"))
+    if models.insightface is None:
+        pytest.skip("shared/testdata/t1_faces.npz (the stand-in detector's faces) not found")
+    return models
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    import cv2
+
+    folder = tmp_path_factory.mktemp("inputs")
+    pictures = write_pictures(folder)[:3]
+    for extra in sorted(folder.glob("*.png"))[3:]:
+        extra.unlink()
+    (folder / "c2_corrupt.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    cv2.imwrite(str(folder / "c3_black.png"), np.zeros((64, 64, 3), np.uint8))  # the detector sees no face here
+    return folder, pictures
+
+
+def shard_keys(out) -> list[str]:
+    keys = []
+    for tar in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(tar) as handle:
+            keys += sorted({name.split(".")[0] for name in handle.getnames()})
+    return keys
+
+
+def test_prepare_skips_bad_files_counts_them_and_resumes(models, inputs, tmp_path):
+    folder, pictures = inputs
+    out = tmp_path / "shards"
+    done = []
+    first = prepare(models.prepare_args([folder], out, "--items-per-shard", "2", "--max-shards", "1"))
+    done.append(first["shards_done"])
+    assert first["shards_done"] == 1 and first["shards_total"] == 3
+    assert not (out / "manifest.json").exists()  # not finished: training cannot pick up half a dataset
+    # a crash in the middle of a shard leaves only a .partial file, which the rerun replaces
+    (out / "shard-000001.tar.partial").write_bytes(b"half a shard")
+    second = prepare(models.prepare_args([folder], out, "--items-per-shard", "2"))
+    assert second["shards_done"] == 3 and not list(out.glob("*.partial"))
+    assert second["skipped"] == {"corrupt": 1, "no_face": 1}
+    assert {Path(e["source"]).name: e["reason"] for e in second["skipped_files"]} == {
+        "c2_corrupt.jpg": "corrupt", "c3_black.png": "no_face"}
+    keys = shard_keys(out)
+    assert len(keys) == len(set(keys)) == 3 == second["samples"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == 3 and manifest["vae"] is None
+    assert set(manifest["fields"]) == {"jpg", "json", "id.npy", "flame.npy"}
+    assert any("no --landmarker" in note for note in manifest["notes"])
+    # a third run finds nothing to do and changes nothing
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    prepare(models.prepare_args([folder], out, "--items-per-shard", "2"))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == before
+
+
+def test_sample_contents_and_dataset_reading(models, inputs, tmp_path):
+    folder, pictures = inputs
+    out = tmp_path / "shards"
+    prepare(models.prepare_args(pictures, out, "--items-per-shard", "8", "--vae", str(models.vae)))
+    dataset = ShardDataset(load_index(out / "manifest.json"), ("id", "flame"), resolution=64, load_latents=True)
+    assert len(dataset) == 3
+    sample = dataset[0]
+    assert sample["pixels"].shape == (3, 64, 64) and -1.0 <= float(sample["pixels"].min()) < float(sample["pixels"].max()) <= 1.0
+    assert sample["id"].shape == (16,) and abs(float(sample["id"].norm()) - 1.0) < 1e-5
+    assert sample["flame"].shape == (55,) and 0.0 <= float(sample["flame"][50:52].min()) <= float(sample["flame"][50:52].max()) <= 1.0
+    assert sample["latent_mean"].shape == sample["latent_std"].shape == (4, 8, 8)
+    assert sample["meta"]["source"].endswith("a_t1.png") and sample["meta"]["faces_found"] == 3
+    assert sample["meta"]["smirk_crop"] == "detector_box"
+    # the same bytes as a plain tar reader sees them
+    with tarfile.open(out / "shard-000000.tar") as handle:
+        stored = np.load(io.BytesIO(handle.extractfile(f"{sample['key']}.flame.npy").read()))
+    np.testing.assert_array_equal(stored, sample["flame"].numpy())
+    # landmarks were not produced: asking for them is a clear error, not a crash mid-epoch
+    with pytest.raises(ValueError, match=r"landmarks/blendshapes need prepare --landmarker"):
+        ShardDataset(load_index(out), ("id", "flame", "blendshapes"))
+
+
+def test_video_frames_keep_clip_and_time_and_processes_split_shards(models, inputs, tmp_path):
+    folder, pictures = inputs
+    clip = write_clip(tmp_path / "clip.avi", frames=6, fps=10.0)
+    out = tmp_path / "shards"
+    items = [clip, *pictures]
+    # two "machines": shards 0 and 2 for process 0, shard 1 for process 1
+    for index in (0, 1):
+        prepare(models.prepare_args(items, out, "--items-per-shard", "1", "--num-processes", "2",
+                                    "--process-index", str(index), "--video-frame-step", "2"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 4
+    records = load_index(out / "manifest.json")
+    video = next(r for r in records if any(s.get("clip_id") for s in r["samples"]))
+    assert [s["time_s"] for s in video["samples"]] == [0.0, 0.2, 0.4]
+    assert len({s["clip_id"] for s in video["samples"]}) == 1
+    dataset = ShardDataset(records, ("id", "flame"), resolution=64)
+    first = next(i for i in range(len(dataset)) if dataset.info(i).get("clip_id"))
+    assert len(dataset.clip_partners(first, window_s=2.0)) == 2
+    assert len(dataset.clip_partners(first, window_s=0.3)) == 1
+    frames = Counter(dataset[i]["meta"]["frame_index"] for i in range(len(dataset)) if dataset.info(i).get("clip_id"))
+    assert sorted(frames) == [0, 2, 4]
+
+
+def test_evaluate_scores_a_comfyui_style_folder_against_prepared_targets(models, inputs, tmp_path):
+    import csv
+
+    import cv2
+
+    from training.evaluate import main as evaluate
+
+    folder, pictures = inputs
+    out = tmp_path / "shards"
+    prepare(models.prepare_args(pictures, out, "--items-per-shard", "8"))
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    # stand-ins for generated pictures: the source pictures, saved under the targets' keys with ComfyUI's counter
+    for record in load_index(out / "manifest.json"):
+        for sample in record["samples"]:
+            source = json.loads(read_member(record["path"], *sample["members"]["json"]))["source"]
+            cv2.imwrite(str(generated / f"{sample['key']}_00001_.png"), cv2.imread(source))
+    summary = evaluate(["--generated", str(generated), "--targets", str(out / "manifest.json"), "--out", str(tmp_path / "eval"),
+                        "--insightface", str(models.insightface), "--smirk", str(models.smirk), "--provider", "cpu",
+                        "--real", str(folder)])
+    assert summary["pairs"] == 3 and summary["failed"] == 0
+    # the same picture, the same face models: identity and expression come back as prepared
+    assert summary["metrics"]["id_similarity"]["mean"] == pytest.approx(1.0, abs=1e-4)
+    assert set(summary["metrics"]) == {"id_similarity", "exp_mse"}
+    assert any("--landmarker" in note for note in summary["notes"]) and any("FID left out" in note for note in summary["notes"])
+    with open(tmp_path / "eval" / "per_sample.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["generated"].split("_")[0] for row in rows] == [row["target"].split("_")[0] for row in rows]
+    assert all(float(row["exp_mse"]) >= 0.0 for row in rows)
+
+
+def test_a_sample_damaged_after_prepare_is_replaced_not_fatal(models, inputs, tmp_path):
+    folder, pictures = inputs
+    out = tmp_path / "shards"
+    prepare(models.prepare_args(pictures, out, "--items-per-shard", "8"))
+    records = load_index(out)
+    tar = Path(records[0]["path"])
+    first_image = records[0]["samples"][0]["members"]["jpg"]
+    data = bytearray(tar.read_bytes())
+    data[first_image[0]:first_image[0] + first_image[1]] = b"\0" * first_image[1]  # the JPEG bytes wiped
+    tar.write_bytes(bytes(data))
+    dataset = ShardDataset(records, ("id", "flame"), resolution=64)
+    assert dataset[0]["key"] == records[0]["samples"][1]["key"] and dataset.unreadable == 1

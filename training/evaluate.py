@@ -1,0 +1,296 @@
+"""``python -m training.evaluate``: score generated faces against their targets.
+
+    python -m training.evaluate --generated ComfyUI/output/eval --targets targets.json --out results/ \\
+        --insightface models/insightface/models/antelopev2 --smirk models/smirk/SMIRK_em1.pt \\
+        [--landmarker models/mediapipe/face_landmarker.task] [--real data/real_faces --inception-weights inception.pth]
+
+Targets: a JSON list (or a {name: entry} mapping) of entries. Each names its generated picture
+(``"generated": "0001.png"``; ComfyUI's counter suffix such as ``0001_00001_.png`` matches too,
+and ``--pair-by order`` pairs sorted files with entries in order instead) and gives the identity
+as ``id_embedding`` (numbers) or ``identity_image`` (a path), and the expression as any of
+``flame`` (55), ``blendshapes`` (52), ``landmarks`` (478 x 3, normalised, with optional
+``landmarks_image_size`` [h, w]) or ``expression_image`` (a path, annotated here). A
+``manifest.json`` from training.prepare also works: its samples are the entries, named by key.
+
+Metrics (see :mod:`training.metrics`): ID similarity (needs --insightface), 3D Exp-MSE (needs
+--smirk), Exp and LMS (need --landmarker, MediaPipe), FID (needs --real and Inception weights).
+A metric whose model is not given is left out, with a note. Writes ``per_sample.csv``,
+``summary.json`` and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .prepare import IMAGE_SUFFIXES, read_image
+
+METRIC_COLUMNS = ["id_similarity", "exp_mse", "exp", "lms"]
+
+
+class ImageAnnotator:
+    """What the metrics need from one picture, each part only when its model is given."""
+
+    def __init__(self, insightface=None, smirk=None, landmarker=None, provider="cpu", det_size=640,
+                 smirk_channel_order="RGB", recognizer=None):
+        self.analyzer = self.smirk = self.landmarker = None
+        self.channel_order = smirk_channel_order
+        if insightface:
+            from encoders.identity import FaceAnalyzer
+
+            self.analyzer = FaceAnalyzer.from_folder(insightface, recognizer=recognizer, det_size=det_size, provider=provider)
+        if smirk:
+            from encoders.smirk import load_smirk_encoder
+
+            self.smirk = load_smirk_encoder(smirk)
+        if landmarker:
+            from encoders.face_landmarks import FaceLandmarker
+
+            self.landmarker = FaceLandmarker(landmarker, max_faces=1)
+
+    def __call__(self, rgb: np.ndarray) -> dict:
+        import torch
+
+        out: dict = {"image_size": rgb.shape[:2]}
+        face = None
+        if self.analyzer is not None:
+            from encoders.identity import FaceNotFoundError
+
+            try:
+                face = self.analyzer.analyze(rgb)[0]
+                out["id_embedding"] = face.embedding
+            except FaceNotFoundError:
+                out["error"] = "no face found"
+        if self.landmarker is not None:
+            try:
+                result = self.landmarker.detect(rgb[None])
+                out["landmarks"] = result.landmarks.values[0].numpy()
+                out["blendshapes"] = result.blendshapes.values[0].numpy()
+            except ValueError:
+                out["error"] = "no MediaPipe face"
+        if self.smirk is not None:
+            from encoders.expressions import Landmarks
+            from encoders.smirk import encode_expression
+
+            from .annotate import box_landmarks
+
+            if "landmarks" in out:
+                landmarks = Landmarks(torch.from_numpy(out["landmarks"])[None])
+            elif face is not None:
+                landmarks = box_landmarks(face.box, rgb.shape[:2])
+            else:
+                landmarks = None
+            if landmarks is not None:
+                image = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]
+                out["flame"] = encode_expression(self.smirk, image, landmarks, channel_order=self.channel_order)[0].values[0].numpy()
+        return out
+
+
+def load_targets(path) -> list[dict]:
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, Mapping) and "shards" in data:
+        return targets_from_manifest(path)
+    if isinstance(data, Mapping):
+        data = [dict(entry, generated=entry.get("generated", name)) for name, entry in data.items()]
+    entries = []
+    for index, entry in enumerate(data):
+        entry = dict(entry)
+        for key in ("identity_image", "expression_image"):
+            if key in entry and not Path(entry[key]).is_absolute():
+                entry[key] = str(path.parent / entry[key])
+        entry.setdefault("name", str(entry.get("generated", index)))
+        entries.append(entry)
+    return entries
+
+
+def targets_from_manifest(path) -> list[dict]:
+    from .shards import load_index, read_npy, read_sample
+
+    entries = []
+    for record in load_index(path):
+        for position in range(record["num_samples"]):
+            raw = read_sample(record, position)
+            entry = {"name": raw["__key__"], "generated": raw["__key__"]}
+            for field, key in (("id.npy", "id_embedding"), ("flame.npy", "flame"), ("blendshapes.npy", "blendshapes"),
+                               ("landmarks.npy", "landmarks")):
+                if field in raw:
+                    entry[key] = read_npy(raw[field]).tolist()
+            entries.append(entry)
+    return entries
+
+
+def list_images(folder) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SystemExit(f"--generated {folder} is not a folder")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def pair(generated: list[Path], entries: list[dict], by: str) -> list[tuple[Path, dict]]:
+    if by == "order":
+        if len(generated) != len(entries):
+            raise SystemExit(f"--pair-by order: {len(generated)} generated pictures but {len(entries)} targets")
+        return list(zip(generated, entries))
+    by_stem = {path.stem: path for path in generated}
+    pairs, unmatched = [], []
+    for entry in entries:
+        stem = Path(str(entry["generated"])).stem
+        match = by_stem.get(stem) or next((p for s, p in sorted(by_stem.items()) if s.startswith(stem + "_")), None)
+        if match is None:
+            unmatched.append(stem)
+        else:
+            pairs.append((match, entry))
+    if unmatched:
+        print(f"note: {len(unmatched)} targets have no generated picture (first: {unmatched[:3]})", file=sys.stderr)
+    if not pairs:
+        raise SystemExit("no generated picture matches a target by name; check the names or use --pair-by order")
+    return pairs
+
+
+def target_fields(entry: Mapping, annotator: ImageAnnotator, cache: dict) -> dict:
+    """Target arrays: given numbers first, else annotations of the entry's images."""
+    fields = {}
+    if "id_embedding" in entry:
+        fields["id_embedding"] = np.asarray(entry["id_embedding"], dtype=np.float64)
+    elif "identity_image" in entry:
+        fields["id_embedding"] = _annotated(entry["identity_image"], annotator, cache).get("id_embedding")
+    expression = _annotated(entry["expression_image"], annotator, cache) if "expression_image" in entry else {}
+    for key in ("flame", "blendshapes", "landmarks"):
+        if key in entry:
+            fields[key] = np.asarray(entry[key], dtype=np.float64)
+        elif key in expression:
+            fields[key] = expression[key]
+    if "landmarks" in entry:
+        fields["landmarks_image_size"] = entry.get("landmarks_image_size")
+    elif "landmarks" in expression:
+        fields["landmarks_image_size"] = expression["image_size"]
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _annotated(path, annotator, cache) -> dict:
+    if path not in cache:
+        image = read_image(str(path))
+        cache[path] = annotator(image) if image is not None else {}
+    return cache[path]
+
+
+def score_pair(generated: Mapping, target: Mapping) -> dict:
+    row = {}
+    if "id_embedding" in generated and "id_embedding" in target:
+        row["id_similarity"] = float(metrics.id_similarity(target["id_embedding"], generated["id_embedding"])[0])
+    if "flame" in generated and "flame" in target:
+        row["exp_mse"] = float(metrics.exp_mse(target["flame"], generated["flame"])[0])
+    if "blendshapes" in generated and "blendshapes" in target:
+        row["exp"] = float(metrics.exp_score(target["blendshapes"], generated["blendshapes"])[0])
+    if "landmarks" in generated and "landmarks" in target:
+        row["lms"] = float(metrics.lms_score(target["landmarks"], generated["landmarks"],
+                                             target.get("landmarks_image_size"), generated["image_size"])[0])
+    return row
+
+
+def compute_fid(real_folder, generated_paths, weights, backend, device) -> float:
+    extractor = metrics.InceptionFeatures(weights, backend=backend, device=device)
+    real = [read_image(str(p)) for p in list_images(real_folder)]
+    fake = [read_image(str(p)) for p in generated_paths]
+
+    def stack(images):
+        images = [i for i in images if i is not None]
+        import cv2
+
+        return np.stack([cv2.resize(i, (299, 299), interpolation=cv2.INTER_AREA) for i in images])
+
+    return metrics.fid_from_features(extractor(stack(real)), extractor(stack(fake)))
+
+
+def evaluate(generated_folder, targets_path, out, insightface=None, smirk=None, landmarker=None, real=None,
+             inception_weights=None, fid_backend="torchvision", pair_by="name", provider="cpu", device="cpu",
+             recognizer=None, det_size=640) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = []
+    if not insightface:
+        notes.append("no --insightface: ID similarity left out")
+    if not smirk:
+        notes.append("no --smirk: 3D Exp-MSE left out")
+    if not landmarker:
+        notes.append("no --landmarker (MediaPipe face_landmarker.task): Exp and LMS left out")
+    annotator = ImageAnnotator(insightface, smirk, landmarker, provider, det_size, recognizer=recognizer)
+    pairs = pair(list_images(generated_folder), load_targets(targets_path), pair_by)
+    rows, cache = [], {}
+    from tqdm import tqdm
+
+    for path, entry in tqdm(pairs, desc="evaluate", unit="image"):
+        image = read_image(str(path))
+        generated = annotator(image) if image is not None else {"error": "unreadable picture"}
+        row = {"generated": path.name, "target": entry.get("name", "")}
+        row |= score_pair(generated, target_fields(entry, annotator, cache))
+        row["error"] = generated.get("error", "")
+        rows.append(row)
+    columns = [c for c in METRIC_COLUMNS if any(c in row for row in rows)]
+    with open(out / "per_sample.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["generated", "target", *columns, "error"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in writer.fieldnames})
+    summary = {"pairs": len(rows), "failed": sum(1 for r in rows if r["error"]), "metrics": metrics.summarise(rows, columns)}
+    if real:
+        try:
+            summary["metrics"]["fid"] = {"value": compute_fid(real, [p for p, _ in pairs], inception_weights, fid_backend, device)}
+        except metrics.InceptionWeightsMissing as error:
+            notes.append(f"FID left out: {error}")
+    summary["notes"] = notes
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return summary
+
+
+def format_table(summary: Mapping) -> str:
+    lines = ["| metric | mean | std | n |", "|---|---|---|---|"]
+    for name, values in summary["metrics"].items():
+        if "value" in values:
+            lines.append(f"| {name} | {values['value']:.4f} | | |")
+        else:
+            lines.append(f"| {name} | {values['mean']:.4f} | {values['std']:.4f} | {values['count']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generated", required=True, help="folder of generated pictures (ComfyUI output works)")
+    parser.add_argument("--targets", required=True, help="targets JSON, or a training.prepare manifest.json")
+    parser.add_argument("--out", required=True, help="folder for per_sample.csv and summary.json")
+    parser.add_argument("--insightface", help="antelopev2-style folder (ID similarity)")
+    parser.add_argument("--recognizer", help="recogniser file in that folder (default arcface.onnx)")
+    parser.add_argument("--smirk", help="SMIRK_em1.pt (3D Exp-MSE)")
+    parser.add_argument("--landmarker", help="MediaPipe face_landmarker.task (Exp, LMS)")
+    parser.add_argument("--real", help="folder of real pictures (FID)")
+    parser.add_argument("--inception-weights", help="torchvision inception_v3 weights file (FID)")
+    parser.add_argument("--fid-backend", choices=("torchvision", "pytorch-fid"), default="torchvision")
+    parser.add_argument("--pair-by", choices=("name", "order"), default="name")
+    parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--det-size", type=int, default=640)
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    summary = evaluate(args.generated, args.targets, args.out, args.insightface, args.smirk, args.landmarker, args.real,
+                       args.inception_weights, args.fid_backend, args.pair_by, args.provider, args.device,
+                       args.recognizer, args.det_size)
+    print(format_table(summary))
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Training stages: each is a small class that turns a batch into a loss and exports its result.
+
+A stage owns the trainable module (what accelerate wraps and the optimizer updates), names the
+data fields it needs, computes the loss with an explicit random generator (so a resumed run
+draws the same noise), and writes the final file in the format the ComfyUI nodes load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.expression_adapter import FLAME_DIM, ExpressionAdapter
+
+from .data import PairDataset, ShardDataset
+from .diffusers_host import ReferenceBank, attach_adapters
+from .models import HostModels, build_expression_adapter, unet_layout
+
+
+class AdapterDenoiser(nn.Module):
+    """The frozen UNet with the Expression Adapter's branches; only the adapter is a submodule.
+
+    Keeping the UNet out of the module tree keeps it out of the optimizer, DDP's gradient
+    buckets and the checkpoint, while its attention processors still call the adapter's branches.
+    """
+
+    def __init__(self, unet, adapter: ExpressionAdapter):
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "unet", unet)
+        attach_adapters(unet, {"expression": adapter})
+
+    def forward(self, noisy, timesteps, context, expression, scale: float = 1.0):
+        tokens = self.adapter.expression_tokens(expression)
+        return self.unet(noisy, timesteps, encoder_hidden_states=context,
+                         cross_attention_kwargs={"adapter_tokens": {"expression": tokens},
+                                                 "adapter_scale": {"expression": scale}}).sample
+
+
+class Stage:
+    """Interface of a stage (see the module docstring)."""
+
+    name = "stage"
+    required_fields: tuple[str, ...] = ()
+    items_with_epoch = False  # whether dataset items are (epoch, index): datasets that draw per epoch
+    module: nn.Module
+
+    def build_dataset(self, records, data_cfg: Mapping):
+        raise NotImplementedError
+
+    def loss(self, module: nn.Module, batch: Mapping, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def export(self, module: nn.Module, path) -> None:
+        raise NotImplementedError
+
+    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in module.state_dict().items()}
+
+    def load_trainable_state(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        module.load_state_dict(state, strict=True)
+
+
+class ExpressionAdapterStage(Stage):
+    """Stage 1 (paper §3.4): the Expression Adapter on the frozen Arc2Face UNet, denoising loss.
+
+    Condition dropout, per sample: the expression alone (zero 55-vector: its projected tokens are
+    what "no expression" means at inference), the ID alone (the encoder on "", Arc2Face's
+    negative), or both, so classifier-free guidance works with either condition.
+    """
+
+    name = "expression_adapter"
+    required_fields = ("id", "flame")
+
+    def __init__(self, config: Mapping, host: HostModels, device):
+        self.config = config
+        self.host = host
+        self.train_cfg = config["train"]
+        adapter = build_expression_adapter(host.unet, config["adapter"]).to(device)
+        self.module = AdapterDenoiser(host.unet, adapter)
+        self.negative = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.host.unet.parameters()).device
+
+    def latents(self, batch: Mapping, generator: torch.Generator) -> torch.Tensor:
+        """Scaled VAE latents of the batch: from cached distributions, or by running the encoder."""
+        host = self.host
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
+            latents = mean + std * torch.randn(mean.shape, generator=generator, device=self.device)
+        else:
+            pixels = batch["pixels"].to(self.device, next(host.vae.parameters()).dtype)
+            with torch.no_grad():
+                latents = host.vae.encode(pixels).latent_dist.sample(generator=generator).float()
+        return (latents - host.latent_shift) * host.latent_scale
+
+    def conditions(self, batch: Mapping, generator: torch.Generator, dropout: bool = True):
+        """ID conditioning (B x 77 x D), expressions (B x 55), with condition dropout applied, and
+        the rows where both were dropped (fully unconditional rows)."""
+        ids = batch["id"].to(self.device)
+        expression = batch["flame"].to(self.device).float()
+        context = self.host.id_encoder.encode(ids)
+        if self.negative is None:
+            self.negative = self.host.id_encoder.encode_negative(1)
+        unconditional = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
+        if dropout:
+            cfg = self.train_cfg
+            u = torch.rand(ids.shape[0], generator=generator, device=self.device)
+            p_exp, p_id, p_both = float(cfg["drop_expression"]), float(cfg["drop_id"]), float(cfg["drop_both"])
+            drop_exp = (u < p_exp) | ((u >= p_exp + p_id) & (u < p_exp + p_id + p_both))
+            drop_id = (u >= p_exp) & (u < p_exp + p_id + p_both)
+            expression = torch.where(drop_exp[:, None], torch.zeros_like(expression), expression)
+            context = torch.where(drop_id[:, None, None], self.negative.to(context), context)
+            unconditional = drop_exp & drop_id
+        return context, expression, unconditional
+
+    def loss(self, module, batch, generator, dropout: bool = True) -> torch.Tensor:
+        scheduler = self.host.noise_scheduler
+        latents = self.latents(batch, generator)
+        batch_size = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        offset = float(self.train_cfg["noise_offset"])
+        if offset:
+            noise = noise + offset * torch.randn((batch_size, latents.shape[1], 1, 1), generator=generator, device=self.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator,
+                                  device=self.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        context, expression, unconditional = self.conditions(batch, generator, dropout)
+        unet_dtype = next(self.host.unet.parameters()).dtype
+        prediction = self.predict(module, batch, generator, noisy.to(unet_dtype), timesteps, context.to(unet_dtype),
+                                  expression, unconditional)
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float())
+
+    def predict(self, module, batch, generator, noisy, timesteps, context, expression, unconditional):
+        return module(noisy, timesteps, context, expression)
+
+    def adapter(self, module) -> ExpressionAdapter:
+        return module.adapter
+
+    def export(self, module, path) -> None:
+        self.adapter(module).save(path)
+
+    def sampling_inputs(self, module, batch: Mapping):
+        """Conditional and unconditional (ID context, adapter tokens), and extra attention inputs, for sample grids."""
+        context, expression, _ = self.conditions(batch, None, dropout=False)
+        adapter = self.adapter(module)
+        with torch.no_grad():
+            tokens = adapter.expression_tokens(expression)
+            uncond_tokens = adapter.unconditional_tokens().to(tokens).expand_as(tokens)
+        negative = self.negative.to(context).expand_as(context)
+        return (context, {"expression": tokens}), (negative, {"expression": uncond_tokens}), {}
+
+    def build_dataset(self, records, data_cfg: Mapping):
+        cached = bool(data_cfg["use_cached_latents"])
+        return ShardDataset(records, self.required_fields, resolution=int(data_cfg["resolution"]),
+                            load_image=not cached, load_latents=cached)
+
+
+class ReferenceDenoiser(nn.Module):
+    """The frozen UNet with peft LoRA on its self-attention and the frozen Expression Adapter.
+
+    Only the LoRA matrices are submodules (registered a second time here, under names derived
+    from their UNet module), so they alone are trained, synchronised and checkpointed. Forward:
+    the Reference UNet pass (the same UNet with the LoRA switched off and no adapter tokens, at
+    timestep 0 on the clean reference latents, recording each block's self-attention input), then
+    the denoising pass whose reading rows attend over their own and the recorded tokens.
+    """
+
+    def __init__(self, unet, adapter: ExpressionAdapter, lora_layers: Mapping[str, nn.Module]):
+        super().__init__()
+        self.lora = nn.ModuleDict()
+        self.module_names = {}
+        for name, layer in lora_layers.items():
+            key = name.replace(".", "__")
+            self.lora[key] = nn.ModuleDict({"down": layer.lora_A["default"], "up": layer.lora_B["default"]})
+            self.module_names[key] = name
+        object.__setattr__(self, "unet", unet)
+        object.__setattr__(self, "adapter", adapter)
+
+    def forward(self, noisy, timesteps, context, expression, reference_latents, read_rows):
+        with torch.no_grad():
+            tokens = self.adapter.expression_tokens(expression)
+        kwargs = {"adapter_tokens": {"expression": tokens}}
+        if bool(read_rows.any()):
+            kwargs["reference"] = capture_reference(self.unet, reference_latents[read_rows], context[read_rows]).reading(read_rows)
+        return self.unet(noisy, timesteps, encoder_hidden_states=context, cross_attention_kwargs=kwargs).sample
+
+
+@torch.no_grad()
+def capture_reference(unet, latents, context) -> ReferenceBank:
+    """The Reference UNet pass: the base UNet (LoRA off, no adapter tokens) at timestep 0 on clean latents."""
+    bank = ReferenceBank()
+    unet.disable_adapters()
+    try:
+        zero = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
+        unet(latents, zero, encoder_hidden_states=context, cross_attention_kwargs={"reference": bank.writing()})
+    finally:
+        unet.enable_adapters()
+    return bank
+
+
+class ReferenceLoraStage(ExpressionAdapterStage):
+    """Stage 2 (paper §3.4): the Reference Adapter's rank-128 LoRA on every self-attention to_q,
+    to_k, to_v and to_out.0, with the trained Expression Adapter frozen, on cross-paired frames
+    of one clip (the reference gives the identity and the reference features, the target the
+    expression and the denoising target). Rows whose conditions are both dropped are trained as
+    the unconditional rows of inference: no reference, the "" ID, the zero expression.
+    """
+
+    name = "reference_lora"
+    required_fields = ("id", "flame")
+    items_with_epoch = True
+
+    def __init__(self, config: Mapping, host: HostModels, device):
+        from peft import LoraConfig
+
+        from adapters.lora import ReferenceLora
+
+        self.config = config
+        self.host = host
+        self.train_cfg = config["train"]
+        self.negative = None
+        lora_cfg = config["reference_lora"]
+        layout = unet_layout(host.unet)
+        adapter = ExpressionAdapter.from_file(lora_cfg["expression_adapter"], layout).to(device).requires_grad_(False)
+        attach_adapters(host.unet, {"expression": adapter})
+        self.rank = int(lora_cfg["rank"])
+        self.alpha = float(lora_cfg["alpha"] or self.rank)
+        names = ReferenceLora.expected_modules(layout)
+        host.unet.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=names))
+        for name, parameter in host.unet.named_parameters():
+            # LoRA matrices train in float32 even when the frozen UNet is half precision
+            if "lora_" in name:
+                parameter.data = parameter.data.float()
+        self.module = ReferenceDenoiser(host.unet, adapter, {name: host.unet.get_submodule(name) for name in names})
+
+    def build_dataset(self, records, data_cfg: Mapping):
+        frames = super().build_dataset(records, data_cfg)
+        return PairDataset(frames, float(self.config["reference_lora"]["pair_window_seconds"]), int(self.config["seed"]))
+
+    def reference_latents(self, batch: Mapping, generator) -> torch.Tensor:
+        renamed = {k.removeprefix("reference_"): v for k, v in batch.items() if k.startswith("reference_") and k != "reference_key"}
+        return self.latents(renamed, generator)
+
+    def predict(self, module, batch, generator, noisy, timesteps, context, expression, unconditional):
+        reference = self.reference_latents(batch, generator).to(noisy.dtype)
+        return module(noisy, timesteps, context, expression, reference, ~unconditional)
+
+    def lora(self, module):
+        from adapters.lora import LoraWeights, ReferenceLora
+
+        alpha = None if self.alpha == self.rank else self.alpha
+        return ReferenceLora({module.module_names[key]: LoraWeights(pair["down"].weight.detach().float().cpu(),
+                                                                    pair["up"].weight.detach().float().cpu(), alpha)
+                              for key, pair in module.lora.items()}, unet_layout(self.host.unet))
+
+    def export(self, module, path) -> None:
+        from adapters.checkpoints import write_safetensors
+
+        write_safetensors(self.lora(module).state_dict(), path, metadata={"kind": "Arc2Face Reference Adapter LoRA"})
+
+    def sampling_inputs(self, module, batch: Mapping):
+        cond, uncond, _ = super().sampling_inputs(module, batch)
+        reference = self.reference_latents(batch, None).to(next(self.host.unet.parameters()).dtype)
+        count = reference.shape[0]
+        bank = capture_reference(self.host.unet, reference, cond[0].to(reference.dtype))
+        rows = torch.cat([torch.zeros(count, dtype=torch.bool), torch.ones(count, dtype=torch.bool)]).to(reference.device)
+        return cond, uncond, {"reference": bank.reading(rows)}
+
+
+STAGES = {"expression_adapter": ExpressionAdapterStage, "reference_lora": ReferenceLoraStage}
+
+
+def build_stage(config: Mapping, host: HostModels, device) -> Stage:
+    try:
+        stage_class = STAGES[config["stage"]]
+    except KeyError:
+        raise ValueError(f"stage {config['stage']!r} is not available; stages: {', '.join(STAGES)}") from None
+    return stage_class(config, host, device)
+
+
+__all__ = ["FLAME_DIM", "STAGES", "AdapterDenoiser", "ExpressionAdapterStage", "ReferenceDenoiser", "ReferenceLoraStage",
+           "Stage", "build_stage"]

@@ -1,0 +1,96 @@
+"""Random tiny models built from config blocks, for the smoke config, tests and benchmarks.
+
+They are the real diffusers / transformers classes with narrow widths, so every code path of
+training (processors, checkpointing, LoRA, sampling) runs as with Arc2Face, only faster.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+# The tiny SD1.5-shaped UNet of the tests (tests/tiny_unets.py): every SD1.5 block present.
+TINY_UNET_DEFAULTS = {
+    "sample_size": 8,
+    "block_out_channels": [32, 64, 128, 128],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "layers_per_block": 2,
+}
+# Four levels: the same 8x downsampling as SD's VAE.
+TINY_VAE_DEFAULTS = {
+    "block_out_channels": [8, 8, 8, 8],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+}
+TINY_ID_ENCODER_DEFAULTS = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+PROMPT_WORDS = ("photo", "of", "a", "id", "person")
+
+
+def _options(block: Mapping | None, defaults: Mapping) -> tuple[dict, int]:
+    options = dict(defaults) | dict(block or {})
+    seed = int(options.pop("seed", 0))
+    return options, seed
+
+
+def tiny_unet(block: Mapping | None = None):
+    from diffusers import UNet2DConditionModel
+
+    options, seed = _options(block, TINY_UNET_DEFAULTS)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+
+def tiny_vae(block: Mapping | None = None):
+    from diffusers import AutoencoderKL
+
+    options, seed = _options(block, TINY_VAE_DEFAULTS)
+    torch.manual_seed(seed)
+    return AutoencoderKL(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+
+def write_tiny_tokenizer(folder) -> Path:
+    """A CLIP BPE vocabulary with the letters and the words of Arc2Face's prompt, in the SD1.5 tokenizer's file layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = list(letters) + [c + "</w>" for c in letters]
+    merges = []
+    for word in PROMPT_WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merges.append(f"{symbols[0]} {symbols[1]}")
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+            if symbols[0] not in vocab:
+                vocab.append(symbols[0])
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+def tiny_id_encoder(block: Mapping | None, work_dir):
+    """Arc2Face's ID encoder class around a random tiny CLIPTextModel and a tiny tokenizer."""
+    import transformers
+
+    from encoders.arc2face_id import Arc2FaceIDEncoder, load_clip_tokenizer
+
+    options, seed = _options(block, TINY_ID_ENCODER_DEFAULTS)
+    tokenizer = load_clip_tokenizer(write_tiny_tokenizer(Path(work_dir) / "tiny_tokenizer"))
+    vocab = tokenizer.get_vocab()
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=bos,
+                                         eos_token_id=eos, pad_token_id=eos, **options)
+    torch.manual_seed(seed)
+    model = transformers.CLIPTextModel(config).eval().requires_grad_(False)
+    return Arc2FaceIDEncoder(model, tokenizer)
