@@ -59,4 +59,4 @@ def decoupled_attention(query, key, value, heads: int, scale=1.0) -> torch.Tenso
     out = multi_head_attention(query, key, value, heads)
     if isinstance(scale, torch.Tensor):
         return out * scale.to(out).reshape(-1, 1, 1)
-    return out * scale
+    return out if scale == 1.0 else out * scale

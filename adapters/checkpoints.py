@@ -24,8 +24,8 @@ class AdapterFileError(ValueError):
         super().__init__(f"{os.path.basename(self.path)} is not a valid {kind} for {base_model}: {problem} (file: {self.path})")
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """All tensors of a weight file, flat, on the CPU."""
+def read_checkpoint(path) -> Mapping:
+    """A weight file's contents as saved (nesting kept), on the CPU."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weight file not found: {path}")
@@ -38,8 +38,13 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{path} holds a {type(loaded).__name__}, not a dictionary of tensors")
-        return flatten(loaded)
-    raise ValueError(f"{path}: unsupported weight file type; use .safetensors (preferred), .bin or .pt")
+        return loaded
+    raise ValueError(f"{path}: unsupported weight file type; use .safetensors (preferred), .bin, .pt or .pth")
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """All tensors of a weight file, flat (nested dictionaries joined with dots), on the CPU."""
+    return flatten(read_checkpoint(path))
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:

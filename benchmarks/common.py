@@ -20,7 +20,8 @@ def start(comfyui: str | None, cpu: bool):
     comfyui_path = run.find_comfyui(comfyui)
     if comfyui_path is None:
         raise SystemExit("no ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH")
-    comfy_nodes = run.start_comfyui(comfyui_path, force_cpu=True if cpu else None)
+    # torch SDPA everywhere, as ComfyUI uses on GPUs, so base and patched attention compare like for like
+    comfy_nodes = run.start_comfyui(comfyui_path, force_cpu=True if cpu else None, pytorch_attention=True)
     return run.load_pack(comfy_nodes, Path(tempfile.mkdtemp(prefix="expression_adapters_")))
 
 

@@ -11,12 +11,13 @@ Goal: ratio <= 1.05 (the branch adds 4 tokens to each cross-attention layer).
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import arguments, compare_sampling, random_sd15_model, start  # noqa: E402
+from common import arguments, compare_sampling, random_sd15_model, start, time_sampling  # noqa: E402
 
 
 def random_adapter(pack, channels: int):
@@ -52,7 +53,32 @@ def main(argv=None) -> int:
     negative = [[torch.randn(1, 77, 768, generator=generator), {}]]
     median = compare_sampling({"without adapter": plain, "with adapter": patched}, positive, negative, args)
     print(f"ratio with/without: {median['with adapter'] / median['without adapter']:.3f}  (goal <= 1.05)")
+    branch = branch_seconds(pack, patched, positive, negative, args)
+    print(f"time inside the expression branch during one sampling: {branch:.3f} s, so ratio from the branch's own time: "
+          f"{1 + branch / median['without adapter']:.3f} (steadier than the wall-clock ratio on a busy machine)")
     return 0
+
+
+def branch_seconds(pack, patched, positive, negative, args) -> float:
+    """Seconds spent in the branch itself during one sampling: each patch call minus the attention it wraps."""
+    patch_module = pack.nodes.cross_attention_patch
+    original = patch_module.CrossAttentionBranchPatch.__call__
+    spent = [0.0]
+
+    def timed(self, q, k, v, extra_options):
+        started = time.perf_counter()
+        patch_module.attention_before(self.previous, q, k, v, extra_options)
+        wrapped = time.perf_counter()
+        out = original(self, q, k, v, extra_options)
+        spent[0] += max(0.0, (time.perf_counter() - wrapped) - (wrapped - started))
+        return out
+
+    patch_module.CrossAttentionBranchPatch.__call__ = timed
+    try:
+        time_sampling(patched, torch.zeros(1, 4, 64, 64), positive, negative, args.steps)
+    finally:
+        patch_module.CrossAttentionBranchPatch.__call__ = original
+    return spent[0]
 
 
 if __name__ == "__main__":

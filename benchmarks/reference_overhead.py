@@ -1,6 +1,6 @@
 """Sampling time in Reference Adapter mode vs base sampling, measured side by side in one process.
 
-    python benchmarks/reference_overhead.py [--comfyui PATH] [--channels 32] [--repeats 3]
+    python benchmarks/reference_overhead.py [--comfyui PATH] [--channels 64] [--repeats 3]
 
 Same random ComfyUI UNet with the SD1.5 block structure (channels narrowed), 64x64 latent,
 10 DPM++ 2M steps, CFG 3. The reference features are computed once per generation and reused at
@@ -35,7 +35,7 @@ def random_lora(pack, channels: int, rank: int = 16):
 
 
 def main(argv=None) -> int:
-    args = arguments(__doc__, channels=32, repeats=3, argv=argv)
+    args = arguments(__doc__, channels=64, repeats=3, argv=argv)
     pack = start(args.comfyui, args.cpu)
     import comfy.model_management
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .optional import require
+from .weight_files import read_checkpoint
 
 ID_PROMPT = "photo of a id person"
 ID_WORD = "id"
@@ -53,12 +54,7 @@ def load_clip_tokenizer(folder):
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a .bin/.pt read with ``weights_only=True``."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EncoderFilesError(f"{path} does not hold a flat state dict of tensors")
     return state

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .expressions import EMOTION_CLASSES, Emotion, Landmarks
 from .face_crops import landmark_square_crop, to_image_batch
+from .weight_files import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -194,13 +195,7 @@ def load_emonet(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
             f"EmoNet weights not found: {path}. Put emonet_8.pth (from https://github.com/face-analysis/emonet, "
             "folder pretrained/) in ComfyUI/models/emotion"
         )
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        checkpoint = load_file(path)
-    else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = emonet_state_dict(checkpoint)
+    state = emonet_state_dict(read_checkpoint(path))
     head = state.get("emo_fc_2.3.weight")
     if head is None:
         raise ValueError(f"{path} is not an EmoNet checkpoint: it has no 'emo_fc_2.3.weight'")

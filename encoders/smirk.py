@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .expressions import FlameExpression, Landmarks
 from .face_crops import smirk_crop, to_image_batch
 from .optional import require
+from .weight_files import read_checkpoint
 
 SMIRK_PREFIX = "smirk_encoder.expression_encoder."
 SMIRK_BACKBONE = "tf_mobilenetv3_large_minimal_100"
@@ -107,12 +108,7 @@ def load_smirk_encoder(path: str | os.PathLike, device: str | torch.device = "cp
             f"SMIRK checkpoint not found: {path}. Put {SMIRK_CHECKPOINT_NAME} (from the SMIRK project, "
             "https://github.com/georgeretsi/smirk) in ComfyUI/models/smirk"
         )
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        checkpoint = load_file(path)
-    else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     try:
         state = expression_encoder_state_dict(checkpoint)
     except ValueError as error:

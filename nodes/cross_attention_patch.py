@@ -43,7 +43,7 @@ def check_model_fits(adapter, model) -> None:
 
 
 class SigmaGate:
-    """Strength within [start_at, end_at] of sampling (as percents converted to sigmas), else 0."""
+    """The branch's strength, active within [start_at, end_at] of sampling (percents converted to sigmas)."""
 
     def __init__(self, strength: float, sigma_start: float, sigma_end: float):
         self.strength = float(strength)
@@ -57,21 +57,21 @@ class SigmaGate:
         sampling = model.get_model_object("model_sampling")
         return cls(strength, sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at))
 
-    def scale(self, extra_options: dict) -> float:
+    def active(self, extra_options: dict) -> bool:
         if self.strength == 0.0:
-            return 0.0
+            return False
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
-            return self.strength
-        sigma = float(sigmas.detach().max())
-        return self.strength if self.sigma_end <= sigma <= self.sigma_start else 0.0
+            return True
+        return self.sigma_end <= float(sigmas.detach().max()) <= self.sigma_start
 
 
 class BranchTokens:
     """One application's tokens, shared by all its layers, with per-layer keys/values cached.
 
-    Tokens are fixed for the whole sampling run, so each layer's keys and values are projected
-    once per device and dtype instead of at every step.
+    Tokens and strength are fixed for the whole sampling run, so each layer's keys and values
+    (the values already times the strength) are projected and laid out in rows once per device,
+    dtype and batch layout, instead of at every step.
     """
 
     def __init__(self, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, gate: SigmaGate):
@@ -85,31 +85,27 @@ class BranchTokens:
         # ModelPatcher.clone() deep-copies model_options; the tokens and weights are read-only here.
         return self
 
-    def keys_values(self, layer, like: torch.Tensor):
-        cache_key = (layer.comfy_key, like.device, like.dtype)
+    def rows(self, layer, query: torch.Tensor, cond_or_uncond: list[int]):
+        """Keys and strength-scaled values for every row of ``query``, chunk by chunk as ``cond_or_uncond`` orders them."""
+        chunk = query.shape[0] // len(cond_or_uncond)
+        cache_key = (layer.comfy_key, query.device, query.dtype, tuple(cond_or_uncond), chunk)
         if cache_key not in self._cache:
+            if len(self.cond_tokens) not in (1, chunk):
+                raise ValueError(
+                    f"the expression has {len(self.cond_tokens)} rows but the batch has {chunk} images: "
+                    "give one expression for the whole batch or one per image"
+                )
             branch = self.adapter.branch(layer)
             with torch.no_grad():
-                cond = branch.keys_values(self.cond_tokens.to(like.device, like.dtype))
-                uncond = branch.keys_values(self.uncond_tokens.to(like.device, like.dtype))
-            self._cache[cache_key] = (*cond, *uncond)
+                cond = branch.keys_values(self.cond_tokens.to(query.device, query.dtype))
+                uncond = branch.keys_values(self.uncond_tokens.to(query.device, query.dtype))
+            keys, values = [], []
+            for kind in cond_or_uncond:
+                k, v = cond if kind == COND else uncond
+                keys.append(k.expand(chunk, -1, -1))
+                values.append(v.expand(chunk, -1, -1) * self.gate.strength)
+            self._cache[cache_key] = torch.cat(keys), torch.cat(values)
         return self._cache[cache_key]
-
-    def rows(self, layer, query: torch.Tensor, cond_or_uncond: list[int]):
-        """Keys and values for every row of ``query``, chunk by chunk as ``cond_or_uncond`` orders them."""
-        cond_k, cond_v, uncond_k, uncond_v = self.keys_values(layer, query)
-        chunk = query.shape[0] // len(cond_or_uncond)
-        if len(self.cond_tokens) not in (1, chunk):
-            raise ValueError(
-                f"the expression has {len(self.cond_tokens)} rows but the batch has {chunk} images: "
-                "give one expression for the whole batch or one per image"
-            )
-        keys, values = [], []
-        for kind in cond_or_uncond:
-            k, v = (cond_k, cond_v) if kind == COND else (uncond_k, uncond_v)
-            keys.append(k.expand(chunk, -1, -1))
-            values.append(v.expand(chunk, -1, -1))
-        return torch.cat(keys), torch.cat(values)
 
 
 class CrossAttentionBranchPatch:
@@ -125,12 +121,11 @@ class CrossAttentionBranchPatch:
 
     def __call__(self, q, k, v, extra_options):
         out = attention_before(self.previous, q, k, v, extra_options)
-        scale = self.tokens.gate.scale(extra_options)
-        if scale == 0.0:
+        if not self.tokens.gate.active(extra_options):
             return out
         cond_or_uncond = extra_options.get("cond_or_uncond") or [COND]
         key, value = self.tokens.rows(self.layer, q, cond_or_uncond)
-        return out + decoupled_attention(q, key, value, extra_options["n_heads"], scale).to(out.dtype)
+        return out + decoupled_attention(q, key, value, extra_options["n_heads"]).to(out.dtype)
 
 
 def apply_cross_attention_branch(model, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor,

@@ -37,9 +37,29 @@ class ReferenceFeatures:
     def __init__(self):
         self.features: dict[tuple[str, int, int], torch.Tensor] = {}
         self.captures = 0  # how many times the write pass ran (tests check: once per generation)
+        self._projected: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __deepcopy__(self, memo):
         return self
+
+    def sampling_wrapper(self, executor, *args, **kwargs):
+        """Around each sampling run (``OUTER_SAMPLE``): the reference keys/values come from the block's
+        LoRA-patched weights, fixed within a run but not between runs, so they are projected once per run."""
+        self._projected.clear()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self._projected.clear()
+
+    def keys_values(self, key, attn1: torch.nn.Module, like: torch.Tensor, chunk: int):
+        """The recorded tokens of block ``key`` through its ``to_k``/``to_v``, one row per image of a chunk."""
+        cache_key = (key, like.device, like.dtype, chunk)
+        if cache_key not in self._projected:
+            reference = self.features[key].to(like.device, like.dtype)
+            rows = reference_rows(reference.shape[0], chunk).to(like.device)
+            with torch.no_grad():
+                self._projected[cache_key] = attn1.to_k(reference)[rows], attn1.to_v(reference)[rows]
+        return self._projected[cache_key]
 
     def record(self, n, context, value, extra_options):
         block = extra_options["block"]
@@ -86,32 +106,21 @@ class ReferenceAttentionPatch:
     def __deepcopy__(self, memo):
         return self
 
-    def _plain(self, q, k, v, extra_options):
-        return attention_before(self.previous, q, k, v, extra_options)
-
     def __call__(self, q, k, v, extra_options):
         order = extra_options.get("cond_or_uncond") or [COND]
         if COND not in order:
-            return self._plain(q, k, v, extra_options)
+            return attention_before(self.previous, q, k, v, extra_options)
         chunk = q.shape[0] // len(order)
-        reference = self.features.features[self.key].to(q.device, q.dtype)
-        rows = reference_rows(reference.shape[0], chunk).to(q.device)
-        reference_key, reference_value = self.attn1.to_k(reference)[rows], self.attn1.to_v(reference)[rows]
-        if all(kind == COND for kind in order):
-            return self._read(q, k, v, reference_key.repeat(len(order), 1, 1), reference_value.repeat(len(order), 1, 1),
-                              extra_options)
-        out = torch.empty_like(q)
-        uncond = torch.cat([torch.arange(i * chunk, (i + 1) * chunk) for i, kind in enumerate(order) if kind != COND]).to(q.device)
-        out[uncond] = self._plain(q[uncond], k[uncond], v[uncond], extra_options)
+        reference_key, reference_value = self.features.keys_values(self.key, self.attn1, q, chunk)
+        parts = []
         for i, kind in enumerate(order):
+            rows = slice(i * chunk, (i + 1) * chunk)
             if kind == COND:
-                rows_i = slice(i * chunk, (i + 1) * chunk)
-                out[rows_i] = self._read(q[rows_i], k[rows_i], v[rows_i], reference_key, reference_value, extra_options)
-        return out
-
-    @staticmethod
-    def _read(q, k, v, reference_key, reference_value, extra_options):
-        return reference_attention(q, k, v, reference_key, reference_value, extra_options["n_heads"]).to(q.dtype)
+                parts.append(reference_attention(q[rows], k[rows], v[rows], reference_key, reference_value,
+                                                 extra_options["n_heads"]).to(q.dtype))
+            else:  # exactly the unpatched computation
+                parts.append(attention_before(self.previous, q[rows], k[rows], v[rows], extra_options))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def native_lora_patches(model, lora, strength: float) -> dict:
@@ -130,6 +139,7 @@ def native_lora_patches(model, lora, strength: float) -> dict:
 
 def apply_reference_adapter(model, lora, latent: torch.Tensor, context: torch.Tensor, lora_strength: float):
     """A clone of ``model`` reading reference features captured now from ``model`` itself, with the LoRA on."""
+    from comfy.patcher_extension import WrappersMP
     check_sd15(model, lora.kind)
     features = capture_reference_features(model, latent, context)
     patched = model.clone()
@@ -139,6 +149,7 @@ def apply_reference_adapter(model, lora, latent: torch.Tensor, context: torch.Te
         raise ValueError(f"{lora.kind}: {len(patches) - len(applied)} LoRA weights have no matching model weight")
     blocks = transformer_blocks(patched.model.diffusion_model)
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "expression_adapters.reference", features.sampling_wrapper)
     for layer in self_attention_layers(SD15):
         patch = ReferenceAttentionPatch(features, layer.comfy_key, blocks[layer.comfy_key].attn1, existing.get(layer.comfy_key))
         patched.set_model_attn1_replace(patch, *layer.comfy_key)

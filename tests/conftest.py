@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from workflows import run as runner
-
-SHARED_TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +22,14 @@ def comfy(tmp_path_factory):
 
     Comfy.pack = pack
     return Comfy
+
+
+@pytest.fixture(scope="session")
+def t1():
+    """insightface's t1.jpg (RGB uint8) with the boxes and 5 keypoints of three of its faces (shared test data)."""
+    from onnx_face_models import TESTDATA, load_t1
+
+    loaded = load_t1()
+    if loaded is None:
+        pytest.skip(f"test data {TESTDATA / 't1_faces.npz'} not found")
+    return loaded

@@ -19,32 +19,14 @@ from encoders.arc2face_id import (
     load_clip_tokenizer,
     load_text_encoder,
 )
+from training.tiny import PROMPT_WORDS, write_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 HIDDEN = 32
-WORDS = ("photo", "of", "a", "id", "person")
+WORDS = PROMPT_WORDS
 SD1_TOKENIZER = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI")) / "comfy" / "sd1_tokenizer"
-
-
-def write_tiny_tokenizer(folder: Path) -> Path:
-    """A CLIP BPE vocabulary with the letters and the prompt's words, in the SD1.5 tokenizer's file layout."""
-    folder.mkdir(parents=True, exist_ok=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = [c for c in letters] + [c + "</w>" for c in letters]
-    merges = []
-    for word in WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            merges.append(f"{symbols[0]} {symbols[1]}")
-            symbols = [symbols[0] + symbols[1]] + symbols[2:]
-            if symbols[0] not in vocab:
-                vocab.append(symbols[0])
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
 
 
 def tiny_text_model(vocab_size: int, bos: int, eos: int, hidden: int = HIDDEN, seed: int = 0):

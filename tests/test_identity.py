@@ -28,11 +28,9 @@ from encoders.identity import (
 from encoders.images import bgr_to_image_tensor, to_bgr_uint8_list, to_uint8_rgb
 from onnx_face_models import (
     DET_SIZE,
-    TESTDATA,
     export_detector,
     export_recognizer,
     insightface_images,
-    load_t1,
 )
 
 insightface = pytest.importorskip("insightface")
@@ -41,14 +39,6 @@ pytest.importorskip("onnxruntime")
 cv2 = pytest.importorskip("cv2")
 
 IMAGES = insightface_images()
-
-
-@pytest.fixture(scope="module")
-def t1():
-    loaded = load_t1()
-    if loaded is None:
-        pytest.skip(f"test data {TESTDATA / 't1_faces.npz'} not found")
-    return loaded
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,9 @@ from local_hub import UNREACHABLE, Server, hub_tree
 from official_files import ID_ENCODER_DIR, UNET_FILE, official_models_dir
 from onnx_face_models import (
     DET_SIZE,
-    TESTDATA,
     export_detector,
     export_recognizer,
     insightface_images,
-    load_t1,
 )
 from workflows import run
 
@@ -41,14 +39,6 @@ pytest.importorskip("onnxruntime")
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 UNET_NAME = UNET_FILE.removeprefix("diffusion_models/")  # the name in the UNETLoader list
-
-
-@pytest.fixture(scope="module")
-def t1():
-    loaded = load_t1()
-    if loaded is None:
-        pytest.skip(f"test data {TESTDATA / 't1_faces.npz'} not found")
-    return loaded
 
 
 @pytest.fixture(scope="module")

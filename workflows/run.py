@@ -40,8 +40,12 @@ def find_comfyui(explicit: str | None = None) -> Path | None:
     return None
 
 
-def start_comfyui(comfyui: Path, force_cpu: bool | None = None):
-    """Import ComfyUI in this process (as its main.py would) and return its ``nodes`` module."""
+def start_comfyui(comfyui: Path, force_cpu: bool | None = None, pytorch_attention: bool = False):
+    """Import ComfyUI in this process (as its main.py would) and return its ``nodes`` module.
+
+    ``pytorch_attention``: use torch's SDPA for attention, as ComfyUI does on GPUs, also on the CPU
+    (where ComfyUI otherwise picks its slower sub-quadratic attention).
+    """
     path = str(comfyui)
     if path in sys.path:
         sys.path.remove(path)
@@ -51,6 +55,8 @@ def start_comfyui(comfyui: Path, force_cpu: bool | None = None):
 
     if force_cpu or (force_cpu is None and not torch.cuda.is_available()):
         comfy.cli_args.args.cpu = True  # must precede the first import of comfy.model_management
+    if pytorch_attention:
+        comfy.cli_args.args.use_pytorch_cross_attention = True
     # ComfyUI's utils package first, as main.py does: nodes.py puts comfy/ (which has a utils.py) at
     # the front of sys.path, after which "utils" would resolve to that file
     import utils.install_util  # noqa: F401
