@@ -1,39 +1,16 @@
 """FaceCrafter landmark image renderer: region tables, colours, determinism, coverage."""
 
-import math
 
 import pytest
 import torch
 
 from encoders.expressions import Landmarks
-from encoders.face_mesh import REGION_POLYLINES, REGIONS, region_edges, region_points
+from encoders.face_mesh import REGIONS, region_edges, region_points
 from encoders.landmark_image import PALETTES, canvas_points, render_landmark_image
+from synthetic_faces import LAYOUT, synthetic_face
 
 pytest.importorskip("cv2")
 
-LAYOUT = {
-    "face_oval": (0.5, 0.5, 0.3, 0.4),
-    "right_eye": (0.38, 0.42, 0.06, 0.025),
-    "left_eye": (0.62, 0.42, 0.06, 0.025),
-    "right_eyebrow": (0.38, 0.34, 0.08, 0.02),
-    "left_eyebrow": (0.62, 0.34, 0.08, 0.02),
-    "right_iris": (0.38, 0.42, 0.015, 0.015),
-    "left_iris": (0.62, 0.42, 0.015, 0.015),
-    "nose": (0.5, 0.52, 0.04, 0.08),
-    "lips": (0.5, 0.66, 0.1, 0.035),
-}
-
-
-def synthetic_face() -> torch.Tensor:
-    points = torch.zeros(478, 3)
-    points[:, 0], points[:, 1] = 0.5, 0.52
-    for region, (cx, cy, rx, ry) in LAYOUT.items():
-        indices = list(dict.fromkeys(i for line in REGION_POLYLINES[region] for i in line))
-        for k, index in enumerate(indices):
-            angle = 2 * math.pi * k / len(indices)
-            points[index, 0] = cx + rx * math.cos(angle)
-            points[index, 1] = cy + ry * math.sin(angle)
-    return points
 
 
 def test_region_tables_match_mediapipe():
