@@ -33,3 +33,15 @@ def t1():
     if loaded is None:
         pytest.skip(f"test data {TESTDATA / 't1_faces.npz'} not found")
     return loaded
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module: tiny models are bound by per-op overhead, and two threads on a
+    busy 2-core machine made the tiny training UNet about 10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,17 +21,8 @@ from training_helpers import PreparedModels, write_pictures
 
 pytest.importorskip("insightface")
 pytest.importorskip("timm")
-pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 SMOKE = "training/configs/smoke.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny UNet is bound by per-op overhead; two threads on a busy 2-core machine are 10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

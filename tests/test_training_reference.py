@@ -24,16 +24,8 @@ from training_helpers import PreparedModels, write_clip
 pytest.importorskip("insightface")
 pytest.importorskip("timm")
 pytest.importorskip("peft")
-pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 SMOKE = "training/configs/smoke.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny UNet is bound by per-op overhead
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
