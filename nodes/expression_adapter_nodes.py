@@ -19,7 +19,7 @@ class LoadExpressionAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="LoadExpressionAdapter",
+            node_id="ExpressionAdaptersLoadExpressionAdapter",
             display_name="Load Expression Adapter",
             category=f"{CATEGORY}/loaders",
             description="Loads an Arc2Face Expression Adapter (exp_adapter.bin as published, or our .safetensors) "
@@ -39,7 +39,7 @@ class FlameExpressionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FlameExpression",
+            node_id="ExpressionAdaptersFlameExpression",
             display_name="FLAME Expression",
             category=f"{CATEGORY}/expression",
             description="Builds FLAME blendshape parameters (50 expression, 2 eyelid, 3 jaw) from a JSON list "
@@ -67,7 +67,7 @@ class ApplyExpressionAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="ApplyExpressionAdapter",
+            node_id="ExpressionAdaptersApplyExpressionAdapter",
             display_name="Apply Expression Adapter",
             category=f"{CATEGORY}/apply",
             description="Adds the expression branch to every cross-attention layer of an Arc2Face (SD1.5) model. "

@@ -228,7 +228,7 @@ class LoadArc2FaceIDEncoder(io.ComfyNode):
     def define_schema(cls):
         names = encoder_folder_names() or [DEFAULT_ENCODER]
         return io.Schema(
-            node_id="LoadArc2FaceIDEncoder",
+            node_id="ExpressionAdaptersLoadArc2FaceIDEncoder",
             display_name="Load Arc2Face ID Encoder",
             category=f"{CATEGORY}/loaders",
             description="Loads Arc2Face's ID encoder (a fine-tuned CLIP text encoder) from a folder in ComfyUI/models/arc2face "
@@ -273,7 +273,7 @@ class Arc2FaceIDConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="Arc2FaceIDConditioning",
+            node_id="ExpressionAdaptersArc2FaceIDConditioning",
             display_name="Arc2Face ID Conditioning",
             category=f"{CATEGORY}/identity",
             description="Turns ArcFace embeddings into Arc2Face conditioning: the prompt \"photo of a id person\" with the "

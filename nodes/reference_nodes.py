@@ -18,7 +18,7 @@ class LoadReferenceAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="LoadReferenceAdapter",
+            node_id="ExpressionAdaptersLoadReferenceAdapter",
             display_name="Load Reference Adapter",
             category=f"{CATEGORY}/loaders",
             description="Loads the Reference Adapter LoRA (ref_adapter/pytorch_lora_weights.safetensors as published) "
@@ -36,7 +36,7 @@ class ApplyReferenceAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="ApplyReferenceAdapter",
+            node_id="ExpressionAdaptersApplyReferenceAdapter",
             display_name="Apply Reference Adapter",
             category=f"{CATEGORY}/apply",
             description="Conditions generation on a reference photo (Reference UNet + self-attention LoRA), so an "
