@@ -1,5 +1,5 @@
 """Trainable adapter modules and their maths: pure torch, no ComfyUI.
 
 One implementation serves every host: ComfyUI's attention patches (``nodes/``) and the
-diffusers attention processors (``training/diffusers_host.py``) both call into here.
+diffusers attention processors (``adapters/diffusers_host.py``) both call into here.
 """

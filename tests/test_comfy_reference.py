@@ -12,7 +12,7 @@ import torch
 
 from adapters.lora import ReferenceLora
 from tiny_unets import CONTEXT_DIM, random_reference_lora_state
-from training.diffusers_host import ReferenceBank, attach_adapters
+from adapters.diffusers_host import ReferenceBank, attach_adapters
 from two_hosts import Hosts
 
 pytestmark = pytest.mark.comfyui

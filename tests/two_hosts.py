@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tiny_unets import CONTEXT_DIM, comfy_model, diffusers_unet, sdxl_added_conditions
-from training.diffusers_host import attach_adapters
+from adapters.diffusers_host import attach_adapters
 
 
 class Hosts:

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.diffusers_host import ReferenceBank, attach_adapters
 from adapters.expression_adapter import FLAME_DIM, ExpressionAdapter
 
 from .data import PairDataset, ShardDataset
-from .diffusers_host import ReferenceBank, attach_adapters
 from .models import HostModels, build_expression_adapter, unet_layout
 
 

@@ -24,9 +24,9 @@ from collections.abc import Mapping
 
 import torch
 
-from adapters.attention import decoupled_attention, multi_head_attention
-from adapters.cross_attention_adapter import CrossAttentionAdapter
-from adapters.reference import reference_attention, reference_rows
+from .attention import decoupled_attention, multi_head_attention
+from .cross_attention_adapter import CrossAttentionAdapter
+from .reference import reference_attention, reference_rows
 
 
 class ReferenceBank:
