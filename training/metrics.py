@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -43,6 +44,11 @@ def exp_score(reference, generated) -> np.ndarray:
     if reference.shape[-1] != 52 or generated.shape[-1] != 52:
         raise ValueError(f"blendshapes must have 52 values; got {reference.shape} and {generated.shape}")
     return np.abs(reference - generated).sum(axis=-1)
+
+
+def exp_mean(reference, generated) -> np.ndarray:
+    """Exp as the mean over the 52 blendshapes (Exp sum / 52): the scale of EmojiDiff's tables and its IDI threshold."""
+    return exp_score(reference, generated) / 52.0
 
 
 def lms_ratios(landmarks, image_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
@@ -180,3 +186,17 @@ def summarise(rows: list[Mapping], columns: list[str]) -> dict[str, dict[str, fl
         if len(values):
             summary[column] = {"mean": float(values.mean()), "std": float(values.std()), "count": int(len(values))}
     return summary
+
+
+# EmojiDiff supplementary B.1: IDI keeps a synthetic pair only within both thresholds (read as "keep",
+# the printed "excluding ... <=" being inverted; spec E2/E3: Exp is the mean over the 52 blendshapes).
+IDI_MAX_EXP_MEAN = 0.05
+IDI_MAX_LMS = 0.18
+
+
+def idi_keep(exp_mean: float, lms: float, max_exp_mean: float = IDI_MAX_EXP_MEAN, max_lms: float = IDI_MAX_LMS) -> bool:
+    """Whether an IDI pair passes: Exp mean <= 0.05 and LMS <= 0.18; either above drops it."""
+    values = (float(exp_mean), float(lms))
+    if not all(math.isfinite(v) for v in values):
+        return False
+    return values[0] <= max_exp_mean and values[1] <= max_lms

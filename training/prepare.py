@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -360,8 +361,11 @@ def parse_args(argv=None):
     parser.add_argument("--smirk-channel-order", choices=("RGB", "BGR"), default="RGB")
     parser.add_argument("--video-frame-step", type=int, default=1, help="keep every n-th video frame")
     parser.add_argument("--max-frames-per-clip", type=int, default=0)
-    parser.add_argument("--num-processes", type=int, default=1, help="processes/machines splitting the shards")
-    parser.add_argument("--process-index", type=int, default=0)
+    # Under torchrun / accelerate launch, WORLD_SIZE and RANK give the split without flags.
+    parser.add_argument("--num-processes", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                        help="processes/machines splitting the shards (default: torchrun's WORLD_SIZE, else 1)")
+    parser.add_argument("--process-index", type=int, default=int(os.environ.get("RANK", 0)),
+                        help="this process's index (default: torchrun's RANK, else 0)")
     parser.add_argument("--workers", type=int, default=0, help="local worker processes (0: in this process)")
     parser.add_argument("--max-shards", type=int, default=0, help="stop after this many shards (resume later)")
     parser.add_argument("--no-progress", action="store_true")
