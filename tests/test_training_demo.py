@@ -64,6 +64,23 @@ def test_demo_crops_hold_faces_for_the_real_landmarker(smoke_run):
         assert 0.25 < float(np.ptp(points[:, 0])) < 0.8
 
 
+def test_demo_head_poses_mirror_with_the_pictures(smoke_run):
+    if find_face_landmarker() is None:
+        pytest.skip("MediaPipe's face_landmarker.task is not cached on this machine")
+    manifest_path, _ = smoke_run
+    dataset = ShardDataset(load_index(manifest_path), ["head_pose", "face_mask"], load_image=False)
+    poses = {}
+    for index in range(len(dataset)):
+        meta = dataset[index]["meta"]
+        poses[(meta["person_id"], meta["mirrored"])] = dataset[index]["head_pose"].numpy()
+        assert 0.08 < float(dataset[index]["face_mask"].float().mean()) < 0.6  # face box ~ 1/1.8 of the crop side
+    for person in {p for p, _ in poses}:
+        plain, mirrored = poses[(person, False)], poses[(person, True)]
+        # a mirror negates yaw and roll and keeps pitch (encoders.head_pose); MediaPipe is not exactly symmetric
+        np.testing.assert_allclose(mirrored * [-1, 1, -1], plain, atol=8.0, err_msg=person)  # 64-pixel crops
+    assert max(abs(p[0]) for p in poses.values()) > 10  # some faces are turned: the test is not all zeros
+
+
 def test_configs_without_the_demo_switch_still_stop_on_missing_data(tmp_path):
     with pytest.raises(ConfigError, match="absent.json, which does not exist"):
         load_config(SMOKE, [f"data.shards={tmp_path / 'absent.json'}", "data.demo_if_missing=false"])

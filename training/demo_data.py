@@ -9,8 +9,8 @@ a fresh clone. It is a CPU check of the code paths, not training data:
 - ``id``: a stand-in recogniser (:func:`training.tiny.tiny_recognizer`: a fixed random projection
   of the downsampled crop), not ArcFace;
 - ``flame``: SMIRK's expression-encoder architecture with random weights (a stand-in);
-- ``landmarks`` / ``blendshapes``: the real MediaPipe model where it is cached on this machine
-  (:func:`find_face_landmarker`), else left out and said so in the manifest's notes;
+- ``landmarks`` / ``blendshapes`` / ``head_pose`` / ``face_mask``: the real MediaPipe model where it
+  is cached on this machine (:func:`find_face_landmarker`), else left out and said so in the notes;
 - latents: the config's tiny VAE, so cached latents match the smoke run's decoder.
 
 The set is written like ``training.prepare`` writes one (shards, sidecars, ``manifest.json``), with
@@ -26,7 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .annotate import LandmarkAnnotator, LatentAnnotator, Sample, SkipSample, SmirkAnnotator
+from .annotate import (
+    FaceMaskAnnotator,
+    LandmarkAnnotator,
+    LatentAnnotator,
+    Sample,
+    SkipSample,
+    SmirkAnnotator,
+)
 from .shards import MANIFEST, ShardWriter, shard_name, write_json_atomic
 
 logger = logging.getLogger("training.demo_data")
@@ -138,8 +145,9 @@ def build_demo_data(out, config: Mapping, items_per_shard: int = 4) -> dict:
         from encoders.face_landmarks import FaceLandmarker
 
         landmarker = FaceLandmarker(str(landmarker_path), max_faces=1)
-        chain.append(LandmarkAnnotator(landmarker))
-        notes.append(f"landmarks and blendshapes from the real MediaPipe model {landmarker_path}")
+        chain.append(LandmarkAnnotator(landmarker, head_pose=True))
+        chain.append(FaceMaskAnnotator())
+        notes.append(f"landmarks, blendshapes, head pose and face-oval masks from the real MediaPipe model {landmarker_path}")
     else:
         notes.append("no cached MediaPipe face_landmarker.task: no landmarks/blendshapes in the demo set")
     chain.append(SmirkAnnotator(SmirkExpressionEncoder().eval()))
