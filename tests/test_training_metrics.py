@@ -154,3 +154,29 @@ def test_lpips_with_a_supplied_backbone_file(tmp_path):
 def test_liqe_without_pyiqa_or_weights_says_what_to_give(tmp_path):
     with pytest.raises(metrics.OptionalMetricMissing, match="pyiqa|--liqe-weights"):
         metrics.liqe_scorer(tmp_path / "absent.pt")
+
+
+def test_evaluation_set_columns_diversity_and_paper_table():
+    from training.evaluate import diversity, set_metrics
+    from training.paper_tables import paper_table
+
+    emotion = np.array([0.5, 0.2, 1, 0, 0, 0, 0, 0, 0, 0])
+    pairs = [({"emotion": emotion, "head_pose": np.zeros(3)}, {"emotion": emotion + [0.3, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                                                                 "head_pose": np.array([0.0, 90.0, 0.0])}),
+             ({"emotion": emotion}, {"emotion": emotion})]
+    columns = set_metrics(pairs)
+    assert columns["v_rmse"]["value"] == pytest.approx(np.sqrt(0.09 / 2)) and columns["v_rmse"]["count"] == 2
+    assert columns["pose_rmse"] == {"value": pytest.approx(np.pi / 2), "count": 1}
+    assert "exp_rmse" not in columns  # no pair has flame on both sides
+    groups = {"anna": [{"flame": np.r_[np.zeros(50), 5.0 * np.ones(5)]}, {"flame": np.r_[2 * np.ones(50), np.zeros(5)]}],
+              "ben": [{"flame": np.zeros(55)}]}  # one sample: no diversity
+    images = {"anna": [np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)]}
+    found = diversity(groups, images, lpips=lambda a, b: float(np.abs(a.astype(float) - b).mean()))
+    assert found["exp_std"] == {"mean": pytest.approx(1.0), "std": 0.0, "count": 1}  # std of {0, 2}, jaw ignored
+    assert found["lpips"]["mean"] == pytest.approx(255.0) and "pose_std" not in found
+    table = paper_table("facecrafter", {"metrics": {"v_rmse": {"value": 0.2}, "id_similarity": {"mean": 0.7}}})
+    assert "| FaceCrafter (LMK+EMO) (paper) | 6.81 | 0.126 | 0.217 | 0.184 | 0.52 | 61.2 | 0.69 | 31.54 |" in table
+    assert "| ours |  |  | 0.2 |  |  |  | 0.7 |  |" in table
+    assert "SMIRK" in table and "FaceNet" in table and "not computed here: Exp-RMSE, Pose-RMSE" in table
+    emojidiff = paper_table("emojidiff", {"metrics": {"exp_mean": {"mean": 0.06}}})
+    assert "| EmojiDiff (paper) | 0.666 | 4.995 | 0.054 | 0.215 |" in emojidiff and "| ours |  |  | 0.06 |  |" in emojidiff
