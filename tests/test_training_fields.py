@@ -139,3 +139,14 @@ def test_prepare_writes_the_optional_fields(prepared):
     with torch.no_grad():
         expected = clip_image_embeds(clip, torch.from_numpy(local.copy()).float()[None] / 255)[0]
     torch.testing.assert_close(data[0]["clip_image"], expected, atol=0.05, rtol=0)  # local.jpg is lossy
+
+
+def test_prepare_takes_its_process_split_from_torchrun(monkeypatch):
+    from training.prepare import parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    args = parse_args(["in", "--out", "o", "--insightface", "f", "--smirk", "s"])
+    assert (args.num_processes, args.process_index) == (4, 3)
+    args = parse_args(["in", "--out", "o", "--insightface", "f", "--smirk", "s", "--num-processes", "2", "--process-index", "0"])
+    assert (args.num_processes, args.process_index) == (2, 0)

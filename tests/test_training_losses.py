@@ -140,3 +140,10 @@ def test_mixed_rows_replicate_examples_and_draw_the_four_combos_uniformly():
     assert torch.equal(noise[0], noise[3]) and not torch.equal(noise[0], noise[4]) and t[0] == t[3]
     noise, t = row_noise((3,), small, 1000, torch.Generator().manual_seed(1), shared_noise=False)
     assert not torch.equal(noise[0], noise[1])
+
+
+def test_insightface_swapper_says_which_file_it_needs(tmp_path):
+    from training.face_swap import InsightfaceSwapper
+
+    with pytest.raises(FileNotFoundError, match="inswapper_128.onnx"):
+        InsightfaceSwapper(tmp_path, analyzer=None)

@@ -5,7 +5,8 @@ set written there, so ``python -m training.train --config training/configs/smoke
 a fresh clone. It is a CPU check of the code paths, not training data:
 
 - faces: fixed crops around the six faces of insightface's ``t1.jpg``, ``Tom_Hanks_54745.png`` and
-  scikit-image's astronaut, each also mirrored (the mirror is the same person: ``person_id``);
+  scikit-image's astronaut, each also mirrored (the mirror is the same person: ``person_id``, and the
+  two form a two-frame clip, ``clip_id``, for stages that pair frames of a clip);
 - ``id``: a stand-in recogniser (:func:`training.tiny.tiny_recognizer`: a fixed random projection
   of the downsampled crop), not ArcFace;
 - ``flame``: SMIRK's expression-encoder architecture with random weights (a stand-in);
@@ -104,8 +105,9 @@ def demo_faces(resolution: int) -> list[tuple[np.ndarray, dict]]:
             pictures[picture] = load_picture(picture)
         crop = square_crop(pictures[picture], box, resolution)
         for mirrored in (False, True):
-            meta = {"source": f"demo:{picture}#{index}", "person_id": person, "mirrored": mirrored, "clip_id": None,
-                    "frame_index": None, "demo": True}
+            # a face and its mirror also form a two-frame "clip", so clip-pair stages (reference_lora) run too
+            meta = {"source": f"demo:{picture}#{index}", "person_id": person, "mirrored": mirrored,
+                    "clip_id": f"demo-{person}", "frame_index": int(mirrored), "time_s": 0.1 * mirrored, "demo": True}
             out.append((np.ascontiguousarray(crop[:, ::-1] if mirrored else crop), meta))
     return out
 
@@ -176,7 +178,8 @@ def build_demo_data(out, config: Mapping, items_per_shard: int = 4) -> dict:
             except SkipSample as skip:
                 skipped.append({"source": meta["source"], "frame_index": None, "reason": skip.reason})
                 continue
-            writer.add(key, encode_sample(sample, options), {"person_id": meta["person_id"]})
+            writer.add(key, encode_sample(sample, options),
+                       {"person_id": meta["person_id"], "clip_id": meta["clip_id"], "time_s": meta["time_s"]})
         fields = sorted({field for s in writer.samples for field in s["members"]})
         writer.close({"items": len(shard), "skipped": skipped, "fields": fields, "notes": notes, "vae": vae_config})
     if landmarker is not None:
