@@ -89,10 +89,10 @@ class Trainer:
         self.config = config
         train = config["train"]
         self.output_dir = Path(config["output_dir"])
-        # cpu=True without CUDA: torchrun / accelerate launch then give MULTI_CPU (gloo) with gradients
-        # averaged across processes; without it accelerate falls back to independent single-process runs.
+        # cpu=True without CUDA (or Apple's MPS): torchrun / accelerate launch then give MULTI_CPU (gloo) with
+        # gradients averaged across processes; without it accelerate falls back to independent single-process runs.
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
+            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
             mixed_precision=train["mixed_precision"],
             gradient_accumulation_steps=int(train["gradient_accumulation_steps"]),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir)),
