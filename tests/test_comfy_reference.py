@@ -139,3 +139,14 @@ def test_composes_with_the_expression_adapter_in_either_order(comfy):
     one = hosts.comfy(expression_first, cond_or_uncond=[1, 0])
     assert torch.equal(one, hosts.comfy(reference_first, cond_or_uncond=[1, 0]))
     assert (one - hosts.comfy(reference_only, cond_or_uncond=[1, 0])).abs().max() > 1e-3  # both act
+
+
+def test_a_combined_id_conditioning_is_refused_with_a_clear_message(comfy):
+    hosts = Hosts("SD1.5", batch=1)
+    node = comfy.pack.nodes.reference_nodes.ApplyReferenceAdapter
+    lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
+    first, second = torch.randn(1, 7, CONTEXT_DIM), torch.randn(1, 7, CONTEXT_DIM)
+    with pytest.raises(ValueError, match="id_conditioning has 2 entries"):
+        node.execute(hosts.model, lora, None, torch.rand(1, 64, 64, 3), [[first, {}], [second, {}]], 0.8)
+    with pytest.raises(ValueError, match="id_conditioning is empty"):
+        node.execute(hosts.model, lora, None, torch.rand(1, 64, 64, 3), [], 0.8)
