@@ -56,7 +56,8 @@ class ApplyReferenceAdapter(io.ComfyNode):
                         "expression edit keeps the photo's look and background. With a face analyzer connected the "
                         f"reference face is aligned to a {REFERENCE_SIZE}x{REFERENCE_SIZE} portrait, as Arc2Face saw in "
                         "training; without one the image is centre-cropped to a square and resized. "
-                        "Composes with Apply Expression Adapter in either order.",
+                        "Composes with Apply Expression Adapter in either order, and stacks with other packs' "
+                        "self-attention replaces (they still run for every row).",
             inputs=[
                 io.Model.Input("model"),
                 ReferenceAdapterType.Input("reference_adapter"),
