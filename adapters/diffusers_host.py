@@ -26,7 +26,8 @@ import torch
 
 from .attention import decoupled_attention, multi_head_attention
 from .cross_attention_adapter import CrossAttentionAdapter
-from .reference import reference_attention, reference_rows
+from .reference import attend_with_reference, reference_rows
+from .rows import COND, RowLayout
 
 
 class ReferenceBank:
@@ -41,8 +42,12 @@ class ReferenceBank:
         self.mode, self.features = "write", {}
         return self
 
-    def reading(self, rows: torch.Tensor) -> ReferenceBank:
-        """``rows``: a bool per batch row, True for the (conditional) rows that read the reference."""
+    def reading(self, rows: torch.Tensor | RowLayout) -> ReferenceBank:
+        """``rows``: a bool per batch row, True for the rows that read the reference (in row order they
+        take reference 0, 1, ... or all the one reference), or a :class:`RowLayout`, whose conditional
+        chunks read it, as in ComfyUI."""
+        if isinstance(rows, RowLayout):
+            rows = rows.mask({COND})
         self.mode, self.read_rows = "read", rows.bool()
         return self
 
@@ -83,17 +88,11 @@ class AdapterAttnProcessor:
         if reference.mode == "write":
             reference.features[self.name] = hidden_states
             return multi_head_attention(query, key, value, attn.heads)
-        rows = reference.read_rows.to(query.device)
-        out = torch.empty_like(query)
-        plain = ~rows
-        if plain.any():
-            out[plain] = multi_head_attention(query[plain], key[plain], value[plain], attn.heads)
-        if rows.any():
-            tokens = reference.features[self.name].to(query.dtype)
-            which = reference_rows(tokens.shape[0], int(rows.sum())).to(query.device)
-            out[rows] = reference_attention(query[rows], key[rows], value[rows], attn.to_k(tokens)[which],
-                                            attn.to_v(tokens)[which], attn.heads)
-        return out
+        reads = reference.read_rows.cpu()
+        tokens = reference.features[self.name].to(query.dtype)
+        which = reference_rows(tokens.shape[0], int(reads.sum())).to(query.device)
+        return attend_with_reference(query, key, value, reads, attn.to_k(tokens)[which], attn.to_v(tokens)[which],
+                                     lambda q, k, v, reading: multi_head_attention(q, k, v, attn.heads))
 
 
 def attach_adapters(unet, adapters: Mapping[str, CrossAttentionAdapter] | None = None) -> None:

@@ -8,7 +8,8 @@ this module assumes it:
 - stem: ``conv1`` (Conv 3->64, 7x7, stride 2, bias), ``bn1``; ``conv2`` ConvBlock(64, 128),
   then max-pool 2; ``conv3`` ConvBlock(128, 128); ``conv4`` ConvBlock(128, 256);
 - FAN stacking, for i in 0..num_modules-1 (2): ``m{i}`` HourGlass(depth 4, 256) with children
-  ``b1_{level}``, ``b2_{level}``, ``b3_{level}`` (levels 4..1) and ``b2_plus_1``; ``top_m_{i}``
+  ``b1_{level}``, ``b2_{level}``, ``b3_{level}`` (levels 4..1) and ``b2_plus_1``,
+  downsampling by 2x2 max pooling and upsampling nearest; ``top_m_{i}``
   ConvBlock; ``conv_last{i}`` Conv 1x1; ``bn_end{i}``; ``l{i}`` Conv 1x1 -> 68 heatmaps; and for
   all but the last module ``bl{i}`` (Conv 256->256) and ``al{i}`` (Conv 68->256);
 - ConvBlock(in, out): ``bn1, conv1`` (3x3 -> out/2), ``bn2, conv2`` (-> out/4), ``bn3, conv3``
@@ -82,16 +83,21 @@ class HourGlass(nn.Module):
     def __init__(self, depth: int, features: int):
         super().__init__()
         self.depth = depth
-        for level in range(depth, 0, -1):
-            self.add_module(f"b1_{level}", ConvBlock(features, features))
-            self.add_module(f"b2_{level}", ConvBlock(features, features))
-            if level == 1:
-                self.add_module("b2_plus_1", ConvBlock(features, features))
-            self.add_module(f"b3_{level}", ConvBlock(features, features))
+        self._add_level(depth, features)
+
+    def _add_level(self, level: int, features: int) -> None:
+        # the published registration order (b1, b2, the deeper levels, b3), so state dicts list alike
+        self.add_module(f"b1_{level}", ConvBlock(features, features))
+        self.add_module(f"b2_{level}", ConvBlock(features, features))
+        if level > 1:
+            self._add_level(level - 1, features)
+        else:
+            self.add_module("b2_plus_1", ConvBlock(features, features))
+        self.add_module(f"b3_{level}", ConvBlock(features, features))
 
     def _forward(self, level: int, x: torch.Tensor) -> torch.Tensor:
         up1 = self._modules[f"b1_{level}"](x)
-        low1 = self._modules[f"b2_{level}"](F.avg_pool2d(x, 2, stride=2))
+        low1 = self._modules[f"b2_{level}"](F.max_pool2d(x, 2, stride=2))  # max, as published
         if level > 1:
             low2 = self._forward(level - 1, low1)
         else:

@@ -1,9 +1,15 @@
-"""Portrait alignment from 5 face keypoints: the framing Arc2Face's 512x512 images have.
+"""Portrait alignment: FFHQ's quad procedure, the framing Arc2Face's 512x512 images have.
 
-Arc2Face was trained on FFHQ-style aligned portraits (the eyes level, the face centred with hair
-and chin in frame). FFHQ aligns with 68 landmarks; from insightface's 5 points (eye centres, nose
-tip, mouth corners, image left to right) a similarity transform onto where those points sit in
-FFHQ's framing gives the same crop to within a few pixels.
+One function serves training data (``training.annotate``) and the Reference Adapter node, so the
+Reference UNet sees at inference the framing it was trained on. FFHQ's alignment (Karras et al.;
+``image_align`` in Arc2Face's demo) takes the eye centres and mouth corners from 68 landmarks;
+insightface's 5 keypoints (eye centres, nose tip, mouth corners, image left to right) give the same
+four points, so the quad is computed from them.
+
+FFHQ then pads the picture with a blurred reflection and warps with PIL's QUAD transform at 4096
+pixels before downscaling. Here the picture's edges are mirrored and, for faces much larger than
+the output, it is shrunk with area averaging before one affine warp: the framing is the same, the
+pixels at the borders differ slightly.
 """
 
 from __future__ import annotations
@@ -12,37 +18,65 @@ import numpy as np
 
 from .optional import require
 
-# (x, y) as fractions of the side in FFHQ's framing: the crop is 4 eye-distances wide, centred
-# a tenth of the eye-to-mouth vector below the eyes.
-FFHQ_FIVE_POINTS = np.array([[0.375, 0.47], [0.625, 0.47], [0.5, 0.61], [0.40, 0.745], [0.60, 0.745]], dtype=np.float32)
+
+def ffhq_quad(kps) -> np.ndarray:
+    """FFHQ's oriented crop square from 5 keypoints, in pixels: corners top-left, bottom-left,
+    bottom-right, top-right."""
+    kps = np.asarray(kps, dtype=np.float64).reshape(5, 2)
+    eye_left, eye_right, mouth_left, mouth_right = kps[0], kps[1], kps[3], kps[4]
+    eye_centre = (eye_left + eye_right) * 0.5
+    eye_to_eye = eye_right - eye_left
+    eye_to_mouth = (mouth_left + mouth_right) * 0.5 - eye_centre
+    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
+    length = np.hypot(*x)
+    if not np.isfinite(length) or length < 1e-6:
+        raise ValueError(f"cannot align a face from keypoints {kps.tolist()}")
+    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8) / length
+    y = np.flipud(x) * [-1, 1]
+    centre = eye_centre + eye_to_mouth * 0.1
+    return np.stack([centre - x - y, centre - x + y, centre + x + y, centre + x - y])
 
 
 def portrait_matrix(keypoints, size: int = 512) -> np.ndarray:
-    """The 2x3 least-squares similarity transform (Umeyama) taking the 5 keypoints (pixels) onto the
-    FFHQ framing at ``size``. Least squares spreads the misfit of a posed head over all five points,
-    where a robust fit would frame the face on whichever subset fits best."""
-    source = np.asarray(keypoints, dtype=np.float64).reshape(5, 2)
-    target = FFHQ_FIVE_POINTS.astype(np.float64) * size
-    source_mean, target_mean = source.mean(0), target.mean(0)
-    source_centred, target_centred = source - source_mean, target - target_mean
-    variance = (source_centred**2).sum() / len(source)
-    if not np.isfinite(variance) or variance < 1e-6:
-        raise ValueError(f"cannot align a face from keypoints {source.tolist()}")
-    u, singular, vt = np.linalg.svd(target_centred.T @ source_centred / len(source))
-    reflection = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt))])
-    rotation = u @ reflection @ vt
-    scale = (singular * np.diag(reflection)).sum() / variance
-    translation = target_mean - scale * rotation @ source_mean
-    return np.hstack([scale * rotation, translation[:, None]]).astype(np.float32)
+    """The 2x3 affine map (pixel-centre coordinates) taking FFHQ's quad onto a ``size`` x ``size`` crop.
+
+    As PIL's QUAD transform in FFHQ's script, the quad's corners land on the crop's outer pixel
+    edges (-0.5 and size - 0.5 in pixel-centre coordinates).
+    """
+    return _quad_to_square(ffhq_quad(keypoints), size)
+
+
+def _quad_to_square(quad: np.ndarray, size: int) -> np.ndarray:
+    top_left, bottom_left, bottom_right = quad[0], quad[1], quad[2]
+    # columns: where the crop's x and y unit vectors come from in the picture
+    source = np.column_stack([(bottom_right - bottom_left), (bottom_left - top_left)]) / size
+    linear = np.linalg.inv(source)
+    translation = -0.5 - linear @ top_left
+    return np.hstack([linear, translation[:, None]]).astype(np.float64)
+
+
+def align_face(image: np.ndarray, keypoints, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The FFHQ-aligned ``size`` x ``size`` crop of an HxWxC image and the 2x3 picture->crop matrix."""
+    cv2 = require("cv2", "Face alignment")
+    quad = ffhq_quad(keypoints)
+    matrix = _quad_to_square(quad, size)
+    side = float(np.hypot(*(quad[3] - quad[0])))
+    source, warp = np.ascontiguousarray(image), matrix
+    if side > 2 * size:
+        # Shrink first with area averaging: a direct warp of a much larger square aliases.
+        factor = 2 * size / side
+        source = cv2.resize(source, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+        # a pixel centre p of the shrunk picture sits at (p + 0.5) / factor - 0.5 in the original
+        to_original = np.array([[1 / factor, 0, 0.5 / factor - 0.5], [0, 1 / factor, 0.5 / factor - 0.5], [0, 0, 1]])
+        warp = matrix @ to_original
+    crop = cv2.warpAffine(source, warp.astype(np.float32), (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REFLECT_101)
+    return crop, matrix.astype(np.float32)
 
 
 def align_portrait(image: np.ndarray, keypoints, size: int = 512) -> np.ndarray:
-    """An HxWxC image warped to a size x size aligned portrait (edges mirrored, not black)."""
-    cv2 = require("cv2", "Face alignment")
-    matrix = portrait_matrix(keypoints, size)
-    scale = float(np.hypot(*matrix[0, :2]))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=interpolation, borderMode=cv2.BORDER_REFLECT)
+    """An HxWxC image warped to a ``size`` x ``size`` aligned portrait (edges mirrored, not black)."""
+    return align_face(image, keypoints, size)[0]
 
 
 def aligned_portraits(analyzer, images, size: int = 512, face_index: int = 0):
@@ -55,6 +89,6 @@ def aligned_portraits(analyzer, images, size: int = 512, face_index: int = 0):
     from .images import split_batch, to_uint8_rgb
 
     faces = analyzer.analyze(images, face_index=face_index)
-    portraits = [align_portrait(to_uint8_rgb(image, f"image {i}"), face.kps, size)
+    portraits = [align_portrait(to_uint8_rgb(image, f"image {i + 1}"), face.kps, size)
                  for i, (image, face) in enumerate(zip(split_batch(images), faces))]
     return torch.from_numpy(np.stack(portraits)).float() / 255.0

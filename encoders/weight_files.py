@@ -1,27 +1,15 @@
-"""Reading encoder weight files: safetensors, or ``.bin``/``.pt``/``.pth`` through ``weights_only``.
+"""Reading encoder weight files: the library's one reader, ``adapters.checkpoints.read_checkpoint``
+(safetensors, or ``.bin``/``.pt``/``.pth`` through ``torch.load(weights_only=True)``).
 
-(``adapters.checkpoints`` does the same for adapter files; the two packages do not import each
-other, since each must import both as part of the ComfyUI pack and as top-level packages.)
+``encoders`` is imported both inside the ComfyUI pack (beside ``adapters``, so relatively) and as a
+top-level package (``training``, tests), where ``adapters`` is top-level too.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
+try:
+    from ..adapters.checkpoints import read_checkpoint
+except ImportError:  # encoders imported as a top-level package
+    from adapters.checkpoints import read_checkpoint
 
-import torch
-
-
-def read_checkpoint(path) -> Mapping:
-    """A weight file's contents as saved, on the CPU; pickles only as data (``weights_only``)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file not found: {path}")
-    if path.lower().endswith((".safetensors", ".sft")):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a dictionary of tensors")
-    return loaded
+__all__ = ["read_checkpoint"]

@@ -2,8 +2,11 @@
 
 For each layer the adapter covers, an ``attn2`` replace computes the layer's usual attention (or
 calls the replace registered before it, so IPAdapter, InstantID and our own branches stack) and
-adds the adapter branch from ``adapters.attention``. Rows follow ``cond_or_uncond``: conditional
-rows attend to the condition's tokens, unconditional rows to the adapter's unconditional tokens.
+adds the adapter branch from ``adapters.attention``. Rows follow the shared row layout
+(``adapters.rows``: ``cond_or_uncond`` and ComfyUI's context windows): conditional rows attend to
+the condition's tokens (per image, the context window's frames), unconditional rows to the
+adapter's unconditional tokens. The sigma gate is decided once per UNet call, and the per-layer
+keys/values live for one sampling run.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import torch
 
 from ..adapters.attention import decoupled_attention
 from ..adapters.layers import layout_for_cross_attention_keys
-from .attention_host import COND, attention_before, transformer_blocks
+from ..adapters.rows import COND, RowLayout, context_window_frames
+from .attention_host import attention_before, transformer_blocks
 
 
 def cross_attention_widths(diffusion_model: torch.nn.Module) -> dict[tuple[str, int, int], int]:
@@ -43,12 +47,19 @@ def check_model_fits(adapter, model) -> None:
 
 
 class SigmaGate:
-    """The branch's strength, active within [start_at, end_at] of sampling (percents converted to sigmas)."""
+    """The branch's strength, active within [start_at, end_at] of sampling (percents converted to sigmas).
+
+    Decided once per UNet call, not per layer: every layer of one call gets the same ``sigmas``
+    tensor, so the comparison (a GPU->CPU sync on a GPU) runs for the first layer and the answer is
+    kept until the next call's tensor arrives. :meth:`forget` drops it at the end of a sampling run.
+    """
 
     def __init__(self, strength: float, sigma_start: float, sigma_end: float):
         self.strength = float(strength)
         self.sigma_start = float(sigma_start)
         self.sigma_end = float(sigma_end)
+        self.decided_for: torch.Tensor | None = None  # held, so its id cannot be reused by a later tensor
+        self._active = True
 
     @classmethod
     def from_percents(cls, model, strength: float, start_at: float, end_at: float) -> SigmaGate:
@@ -63,7 +74,13 @@ class SigmaGate:
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
             return True
-        return self.sigma_end <= float(sigmas.detach().max()) <= self.sigma_start
+        if sigmas is not self.decided_for:
+            self.decided_for = sigmas
+            self._active = self.sigma_end <= float(sigmas.detach().max()) <= self.sigma_start
+        return self._active
+
+    def forget(self) -> None:
+        self.decided_for = None
 
 
 class BranchTokens:
@@ -71,7 +88,8 @@ class BranchTokens:
 
     Tokens and strength are fixed for the whole sampling run, so each layer's keys and values
     (the values already times the strength) are projected and laid out in rows once per device,
-    dtype and batch layout, instead of at every step.
+    dtype and row layout, instead of at every step. The cache lives for one sampling run
+    (:meth:`sampling_wrapper`, an ``OUTER_SAMPLE`` wrapper), so nothing stays on the GPU after it.
     """
 
     def __init__(self, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, gate: SigmaGate):
@@ -85,26 +103,31 @@ class BranchTokens:
         # ModelPatcher.clone() deep-copies model_options; the tokens and weights are read-only here.
         return self
 
-    def rows(self, layer, query: torch.Tensor, cond_or_uncond: list[int]):
-        """Keys and strength-scaled values for every row of ``query``, chunk by chunk as ``cond_or_uncond`` orders them."""
-        chunk = query.shape[0] // len(cond_or_uncond)
-        cache_key = (layer.comfy_key, query.device, query.dtype, tuple(cond_or_uncond), chunk)
+    def sampling_wrapper(self, executor, *args, **kwargs):
+        self.clear()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.clear()
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self.gate.forget()
+
+    def rows(self, layer, query: torch.Tensor, cond_or_uncond: list[int], frames: list[int] | None = None):
+        """Keys and strength-scaled values for every row of ``query``, chunk by chunk as ``cond_or_uncond`` orders
+        them; ``frames``: the images of the context window being computed, if any."""
+        layout = RowLayout(query.shape[0], cond_or_uncond, frames)
+        cache_key = (layer.comfy_key, query.device, query.dtype, layout.key)
         if cache_key not in self._cache:
-            if len(self.cond_tokens) not in (1, chunk):
-                raise ValueError(
-                    f"the expression has {len(self.cond_tokens)} rows but the batch has {chunk} images: "
-                    "give one expression for the whole batch or one per image"
-                )
+            cond_tokens = layout.per_image(self.cond_tokens, "the expression").to(query.device, query.dtype)
             branch = self.adapter.branch(layer)
             with torch.no_grad():
-                cond = branch.keys_values(self.cond_tokens.to(query.device, query.dtype))
+                cond = branch.keys_values(cond_tokens)
                 uncond = branch.keys_values(self.uncond_tokens.to(query.device, query.dtype))
-            keys, values = [], []
-            for kind in cond_or_uncond:
-                k, v = cond if kind == COND else uncond
-                keys.append(k.expand(chunk, -1, -1))
-                values.append(v.expand(chunk, -1, -1) * self.gate.strength)
-            self._cache[cache_key] = torch.cat(keys), torch.cat(values)
+            keys = layout.stack(lambda index: cond[0] if index == COND else uncond[0].expand(layout.chunk_size, -1, -1))
+            values = layout.stack(lambda index: cond[1] if index == COND else uncond[1].expand(layout.chunk_size, -1, -1))
+            self._cache[cache_key] = keys, values * self.gate.strength
         return self._cache[cache_key]
 
 
@@ -123,18 +146,20 @@ class CrossAttentionBranchPatch:
         out = attention_before(self.previous, q, k, v, extra_options)
         if not self.tokens.gate.active(extra_options):
             return out
-        cond_or_uncond = extra_options.get("cond_or_uncond") or [COND]
-        key, value = self.tokens.rows(self.layer, q, cond_or_uncond)
+        key, value = self.tokens.rows(self.layer, q, extra_options.get("cond_or_uncond"), context_window_frames(extra_options))
         return out + decoupled_attention(q, key, value, extra_options["n_heads"]).to(out.dtype)
 
 
 def apply_cross_attention_branch(model, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor,
                                  strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0):
     """A clone of ``model`` with ``adapter``'s branch on each of its layers, stacked on existing replaces."""
+    from comfy.patcher_extension import WrappersMP
+
     check_model_fits(adapter, model)
     patched = model.clone()
     tokens = BranchTokens(adapter, cond_tokens, uncond_tokens, SigmaGate.from_percents(patched, strength, start_at, end_at))
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "expression_adapters.branch_tokens", tokens.sampling_wrapper)
     for layer in adapter.layers:
         patch = CrossAttentionBranchPatch(tokens, layer, previous=existing.get(layer.comfy_key))
         patched.set_model_attn2_replace(patch, *layer.comfy_key)

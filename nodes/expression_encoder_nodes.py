@@ -8,7 +8,6 @@ Model folders (registered in ``model_folders``): ``smirk`` (SMIRK_em1.pt), ``med
 
 from __future__ import annotations
 
-import comfy.model_management as model_management
 import folder_paths
 from comfy_api.latest import io
 
@@ -19,6 +18,7 @@ from ..encoders.face_mesh import REGIONS
 from ..encoders.landmark_image import PALETTES, render_landmark_image
 from ..encoders.previews import landmarks_overlay
 from ..encoders.smirk import SMIRK_CHECKPOINT_NAME, encode_expression, load_smirk_encoder
+from .helper_models import HelperModel, helper_module
 from .types import (
     ArkitBlendshapesType,
     EmoNetType,
@@ -67,7 +67,7 @@ class LoadSmirkEncoder(io.ComfyNode):
     @classmethod
     def execute(cls, model_name):
         path = model_file("smirk", model_name, SMIRK_SOURCE)
-        return io.NodeOutput(load_smirk_encoder(path, device=model_management.get_torch_device()))
+        return io.NodeOutput(HelperModel(load_smirk_encoder(path, device="cpu"), "SMIRK"))
 
 
 class LoadFaceLandmarker(io.ComfyNode):
@@ -174,7 +174,7 @@ class SmirkExpression(io.ComfyNode):
                 raise ValueError("SMIRK Expression needs the face's landmarks: connect 'landmarks' (Face Landmarks) "
                                  "or a 'face_landmarker' (Load MediaPipe Face Landmarker)")
             landmarks = face_landmarker.detect(image, face_index=face_index).landmarks
-        expression, crops = encode_expression(smirk_model, image, landmarks, channel_order=channel_order)
+        expression, crops = encode_expression(helper_module(smirk_model), image, landmarks, channel_order=channel_order)
         return io.NodeOutput(expression, crops)
 
 
@@ -270,7 +270,7 @@ class LoadEmoNet(io.ComfyNode):
     @classmethod
     def execute(cls, model_name):
         path = model_file("emotion", model_name, EMONET_SOURCE)
-        return io.NodeOutput(load_emonet(path, device=model_management.get_torch_device()))
+        return io.NodeOutput(HelperModel(load_emonet(path, device="cpu"), "EmoNet"))
 
 
 class EmotionFromImage(io.ComfyNode):
@@ -298,7 +298,7 @@ class EmotionFromImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, emonet, crop_scale, landmarks=None):
-        emotion, crops = predict_emotion(emonet, image, landmarks, scale=crop_scale)
+        emotion, crops = predict_emotion(helper_module(emonet), image, landmarks, scale=crop_scale)
         return io.NodeOutput(emotion, crops)
 
 

@@ -20,6 +20,7 @@ import comfy.model_management as model_management
 import comfy.sd1_clip
 import folder_paths
 import torch
+from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
 from ..encoders.arc2face_id import WEIGHT_FILES, Arc2FaceIDEncoder
@@ -190,17 +191,38 @@ def _missing_encoder_files(folder: Path) -> list[str]:
     return missing
 
 
+def id_encoder_dtype(load_device) -> torch.dtype:
+    """ComfyUI's text-encoder dtype policy: ``--fp16-text-enc``, ``--bf16-text-enc`` and ``--fp32-text-enc`` are
+    honoured; without a flag, float16 on GPUs and float32 on the CPU.
+
+    Our choice where ComfyUI differs: ComfyUI's own text encoders default to float16 on the CPU too, because
+    its ops cast each layer up to float32 there; the transformers encoder here computes in its stored dtype, so
+    it keeps float32 on the CPU. fp8 storage (``--fp8-*-text-enc``) needs ComfyUI's casting ops: float16 is used.
+    """
+    args = model_management.args
+    explicit = args.fp16_text_enc or args.bf16_text_enc or args.fp32_text_enc
+    if model_management.is_device_cpu(load_device) and not explicit:
+        return torch.float32
+    dtype = model_management.text_encoder_dtype(load_device)
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        logger.warning("Arc2Face ID encoder: fp8 text-encoder storage is not supported; using float16")
+        return torch.float16
+    return dtype
+
+
 class Arc2FaceIDEncoderModel:
-    """What the ARC2FACE_ID_ENCODER socket carries: the library's :class:`Arc2FaceIDEncoder`, kept on
-    ComfyUI's text-encoder offload device (the CPU unless --gpu-only) and moved to the text-encoder
-    device only while it encodes."""
+    """What the ARC2FACE_ID_ENCODER socket carries: the library's :class:`Arc2FaceIDEncoder`, its text model in a
+    ComfyUI ``ModelPatcher`` (text-encoder load and offload devices), loaded by ComfyUI's model management
+    for each encode, as ComfyUI's own text encoders are."""
 
     def __init__(self, encoder: Arc2FaceIDEncoder, folder: Path, load_device, offload_device):
         self.encoder = encoder
         self.folder = folder
         self.load_device = torch.device(load_device)
         self.offload_device = torch.device(offload_device)
-        self.encoder.to(self.offload_device)
+        # a plain container: ModelPatcher sets attributes (``device``) that transformers models do not allow
+        holder = torch.nn.ModuleDict({"text_model": encoder.text_model.to(self.offload_device)})
+        self.patcher = ModelPatcher(holder, load_device=self.load_device, offload_device=self.offload_device)
 
     def __repr__(self) -> str:
         dtype = next(self.encoder.text_model.parameters()).dtype
@@ -208,17 +230,9 @@ class Arc2FaceIDEncoderModel:
 
     def encode(self, embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         """Positive (B x 77 x D, one row per embedding) and negative (the empty prompt, as many rows), float32."""
-        moved = self.load_device != self.offload_device
-        if moved:
-            size = model_management.module_size(self.encoder.text_model)
-            model_management.free_memory(size * 1.1 + model_management.minimum_inference_memory(), self.load_device)
-            self.encoder.to(self.load_device)
-        try:
-            positive = self.encoder.encode(embeddings)
-            negative = self.encoder.encode_negative(positive.shape[0])
-        finally:
-            if moved:
-                self.encoder.to(self.offload_device)
+        model_management.load_models_gpu([self.patcher])
+        positive = self.encoder.encode(embeddings)
+        negative = self.encoder.encode_negative(positive.shape[0])
         device = model_management.intermediate_device()
         return positive.to(device), negative.to(device)
 
@@ -261,9 +275,8 @@ class LoadArc2FaceIDEncoder(io.ComfyNode):
             )
         load_device = model_management.text_encoder_device()
         offload_device = model_management.text_encoder_offload_device()
-        use_fp16 = not model_management.is_device_cpu(load_device) and model_management.should_use_fp16(load_device)
-        dtype = torch.float16 if use_fp16 else torch.float32
-        encoder = Arc2FaceIDEncoder.from_folders(folder, sd1_tokenizer_folder(), dtype=dtype, device=offload_device)
+        encoder = Arc2FaceIDEncoder.from_folders(folder, sd1_tokenizer_folder(), dtype=id_encoder_dtype(load_device),
+                                                 device=offload_device)
         model = Arc2FaceIDEncoderModel(encoder, folder, load_device, offload_device)
         logger.info("Load Arc2Face ID Encoder: %r", model)
         return io.NodeOutput(model)

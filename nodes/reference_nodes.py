@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..adapters.lora import ReferenceLora
@@ -12,6 +13,18 @@ from .types import FaceAnalyzerType, ReferenceAdapterType
 
 CATEGORY = "expression_adapters"
 REFERENCE_SIZE = 512  # the Reference UNet sees the aligned face at Arc2Face's training resolution
+
+
+def single_conditioning(conditioning) -> torch.Tensor:
+    """The one tensor of a one-entry conditioning: the Reference UNet runs on a single ID conditioning."""
+    if len(conditioning) != 1:
+        if not conditioning:
+            raise ValueError("id_conditioning is empty: connect the positive output of Arc2Face ID Conditioning")
+        raise ValueError(
+            f"id_conditioning has {len(conditioning)} entries (a combined or concatenated conditioning); the Reference "
+            "UNet runs on one ID conditioning: connect the positive output of Arc2Face ID Conditioning directly"
+        )
+    return conditioning[0][0]
 
 
 class LoadReferenceAdapter(io.ComfyNode):
@@ -43,13 +56,15 @@ class ApplyReferenceAdapter(io.ComfyNode):
                         "expression edit keeps the photo's look and background. With a face analyzer connected the "
                         f"reference face is aligned to a {REFERENCE_SIZE}x{REFERENCE_SIZE} portrait, as Arc2Face saw in "
                         "training; without one the image is centre-cropped to a square and resized. "
-                        "Composes with Apply Expression Adapter in either order.",
+                        "Composes with Apply Expression Adapter in either order, and stacks with other packs' "
+                        "self-attention replaces (they still run for every row).",
             inputs=[
                 io.Model.Input("model"),
                 ReferenceAdapterType.Input("reference_adapter"),
                 io.Vae.Input("vae"),
                 io.Image.Input("reference_image", tooltip="One reference, or one per output image"),
-                io.Conditioning.Input("id_conditioning", tooltip="The positive output of Arc2Face ID Conditioning"),
+                io.Conditioning.Input("id_conditioning", tooltip="The positive output of Arc2Face ID Conditioning "
+                                      "(one entry: a combined conditioning is refused)"),
                 io.Float.Input("lora_strength", default=ReferenceLora.default_strength, min=0.0, max=2.0, step=0.05,
                                tooltip="Lower trades faithfulness to the reference for expression fidelity (paper Fig. 9)"),
                 FaceAnalyzerType.Input("face_analyzer", optional=True,
@@ -63,13 +78,13 @@ class ApplyReferenceAdapter(io.ComfyNode):
     def execute(cls, model, reference_adapter, vae, reference_image, id_conditioning, lora_strength, face_analyzer=None):
         import comfy.utils
 
+        context = single_conditioning(id_conditioning)
         if face_analyzer is not None:
             pixels = aligned_portraits(face_analyzer, reference_image, REFERENCE_SIZE)
         else:
             pixels = comfy.utils.common_upscale(reference_image[..., :3].movedim(-1, 1), REFERENCE_SIZE, REFERENCE_SIZE,
                                                 "bilinear", "center").movedim(1, -1)
         latent = vae.encode(pixels)
-        context = id_conditioning[0][0]
         patched, _ = apply_reference_adapter(model, reference_adapter, latent, context, lora_strength)
         return io.NodeOutput(patched)
 

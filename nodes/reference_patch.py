@@ -8,7 +8,10 @@ Read: an ``attn1`` replace per self-attention layer. Conditional rows attend ove
 tokens plus the recorded ones, projected by the block's own ``to_k``/``to_v`` (LoRA-patched by
 ComfyUI's weight patching). Unconditional rows run exactly the computation of the unpatched model,
 so they stay bit-identical to it; that is why this is a replace and not an ``attn1_patch``
-lengthening the context for every row.
+lengthening the context for every row. The replace registered before ours (another pack's) runs
+for every row: for conditional rows it gets their keys/values with the reference's appended, so
+the Reference Adapter stacks with other ``attn1`` replaces. Which rows read is the shared row
+layout of ``adapters.rows`` (``cond_or_uncond``, context windows).
 
 The LoRA goes through ``ModelPatcher.add_patches`` with native keys, so it composes with other
 LoRAs, low-VRAM loading and ``unpatch_model``.
@@ -19,8 +22,9 @@ from __future__ import annotations
 import torch
 
 from ..adapters.layers import SD15, self_attention_layers
-from ..adapters.reference import reference_attention, reference_rows
-from .attention_host import COND, attention_before, transformer_blocks
+from ..adapters.reference import attend_with_reference
+from ..adapters.rows import COND, RowLayout, context_window_frames
+from .attention_host import attention_before, transformer_blocks
 
 
 def check_sd15(model, kind: str) -> None:
@@ -51,14 +55,13 @@ class ReferenceFeatures:
         finally:
             self._projected.clear()
 
-    def keys_values(self, key, attn1: torch.nn.Module, like: torch.Tensor, chunk: int):
+    def keys_values(self, key, attn1: torch.nn.Module, like: torch.Tensor, layout: RowLayout):
         """The recorded tokens of block ``key`` through its ``to_k``/``to_v``, one row per image of a chunk."""
-        cache_key = (key, like.device, like.dtype, chunk)
+        cache_key = (key, like.device, like.dtype, layout.chunk_size, layout.frames)
         if cache_key not in self._projected:
-            reference = self.features[key].to(like.device, like.dtype)
-            rows = reference_rows(reference.shape[0], chunk).to(like.device)
+            reference = layout.per_image(self.features[key], "the reference image batch").to(like.device, like.dtype)
             with torch.no_grad():
-                self._projected[cache_key] = attn1.to_k(reference)[rows], attn1.to_v(reference)[rows]
+                self._projected[cache_key] = attn1.to_k(reference), attn1.to_v(reference)
         return self._projected[cache_key]
 
     def record(self, n, context, value, extra_options):
@@ -107,20 +110,19 @@ class ReferenceAttentionPatch:
         return self
 
     def __call__(self, q, k, v, extra_options):
-        order = extra_options.get("cond_or_uncond") or [COND]
-        if COND not in order:
-            return attention_before(self.previous, q, k, v, extra_options)
-        chunk = q.shape[0] // len(order)
-        reference_key, reference_value = self.features.keys_values(self.key, self.attn1, q, chunk)
-        parts = []
-        for i, kind in enumerate(order):
-            rows = slice(i * chunk, (i + 1) * chunk)
-            if kind == COND:
-                parts.append(reference_attention(q[rows], k[rows], v[rows], reference_key, reference_value,
-                                                 extra_options["n_heads"]).to(q.dtype))
-            else:  # exactly the unpatched computation
-                parts.append(attention_before(self.previous, q[rows], k[rows], v[rows], extra_options))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        layout = RowLayout(q.shape[0], extra_options.get("cond_or_uncond"), context_window_frames(extra_options))
+        reads = layout.mask({COND})
+        reference_key, reference_value = self.features.keys_values(self.key, self.attn1, q, layout)
+        if layout.chunks.count(COND) > 1:
+            reference_key = reference_key.repeat(layout.chunks.count(COND), 1, 1)
+            reference_value = reference_value.repeat(layout.chunks.count(COND), 1, 1)
+
+        def attention(q, k, v, reading):
+            # the earlier replace sees the rows it gets, with their own chunks in cond_or_uncond
+            chunks = [index for index in layout.chunks if (index == COND) == reading]
+            return attention_before(self.previous, q, k, v, {**extra_options, "cond_or_uncond": chunks})
+
+        return attend_with_reference(q, k, v, reads, reference_key, reference_value, attention)
 
 
 def native_lora_patches(model, lora, strength: float) -> dict:

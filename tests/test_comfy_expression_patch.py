@@ -157,3 +157,84 @@ def test_flame_expression_node_builds_from_json_and_controls(comfy):
         node.execute(json_values=str([0.0] * 52), **controls)
     with pytest.raises(ValueError, match="not valid JSON|NaN"):
         node.execute(json_values="[" + ", ".join(["NaN"] * 55) + "]", **controls)
+
+
+class CountingSigmas(torch.Tensor):
+    """A sigma tensor that counts its conversions to Python numbers (each one a GPU->CPU sync on a GPU)."""
+
+    conversions = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("__float__", "__bool__", "__int__", "__index__", "item", "tolist"):
+            CountingSigmas.conversions += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_the_sigma_gate_is_decided_once_per_step_not_per_layer(comfy):
+    from comfy.model_management import load_models_gpu
+
+    hosts = Hosts("SD1.5", batch=2)
+    adapter = random_expression_adapter()
+    patched = apply(comfy, hosts.model, adapter, torch.randn(1, 55), start_at=0.1, end_at=0.9)
+    stacked = apply(comfy, patched, adapter, torch.randn(1, 55), start_at=0.2, end_at=0.8)  # two applications
+    load_models_gpu([stacked])
+    sampling = hosts.model.get_model_object("model_sampling")
+    for step, sigma in enumerate([sampling.percent_to_sigma(0.5), sampling.percent_to_sigma(0.15)]):
+        options = dict(stacked.model_options["transformer_options"])
+        options["cond_or_uncond"] = [1, 0]
+        options["sigmas"] = torch.full((2,), float(sigma)).as_subclass(CountingSigmas)
+        CountingSigmas.conversions = 0
+        with torch.no_grad():
+            stacked.model.diffusion_model(hosts.x, timesteps=hosts.t, context=hosts.context, transformer_options=options)
+        assert CountingSigmas.conversions <= 2, f"step {step + 1}: {CountingSigmas.conversions} syncs for 32 patched layers"
+
+
+def test_branch_keys_values_are_freed_after_each_sampling_run(comfy):
+    from comfy.sample import sample
+
+    hosts = Hosts("SD1.5", batch=1)
+    patched = apply(comfy, hosts.model, random_expression_adapter(), torch.randn(1, 55))
+    tokens = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)].tokens
+    seen = []
+    original_rows = tokens.rows
+
+    def rows(*args, **kwargs):
+        result = original_rows(*args, **kwargs)
+        seen.append(len(tokens._cache))
+        return result
+
+    tokens.rows = rows
+    context = torch.randn(1, 7, 32)
+    samples = sample(patched, torch.randn(1, 4, 8, 8), 2, 2.0, "euler", "normal", [[context, {}]], [[context * 0, {}]],
+                     torch.zeros(1, 4, 8, 8), disable_pbar=True, seed=0)
+    assert torch.isfinite(samples).all()
+    assert max(seen) == 16  # one entry per layer during the run: projected once, reused at every step
+    assert not tokens._cache and tokens.gate.decided_for is None  # nothing kept (on the GPU) after the run
+
+
+def test_per_frame_expressions_follow_comfyuis_context_windows(comfy):
+    from comfy.sample import sample
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+
+    hosts = Hosts("SD1.5", batch=1)
+    adapter = random_expression_adapter()
+    expressions = torch.randn(4, 55)  # one per frame, as Expression Interpolate gives
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    context = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(4))
+
+    def run(model, frames):
+        # 3 steps: ComfyUI 0.3.64's IndexListContextHandler.set_step compares the 4 step sigmas with
+        # the batch's timesteps elementwise, which needs as many sigmas as frames
+        return sample(model, noise[frames], 3, 2.0, "euler", "normal", [[context, {}]], [[context * 0, {}]],
+                      torch.zeros(len(frames), 4, 8, 8), disable_pbar=True, seed=0)
+
+    patched = apply(comfy, hosts.model, adapter, expressions)
+    [windowed] = ContextWindowsManualNode.execute(patched, context_length=2, context_overlap=0, context_schedule="batched",
+                                                  context_stride=1, closed_loop=False, fuse_method="flat", dim=0).result
+    together = run(windowed, [0, 1, 2, 3])
+    # windows [0, 1] and [2, 3] without overlap: each must equal the frames sampled on their own
+    first = run(apply(comfy, hosts.model, adapter, expressions[:2]), [0, 1])
+    second = run(apply(comfy, hosts.model, adapter, expressions[2:]), [2, 3])
+    torch.testing.assert_close(together, torch.cat([first, second]), atol=1e-4, rtol=1e-4)
+    assert (first[0] - first[1]).abs().max() > 1e-3

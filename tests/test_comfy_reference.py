@@ -139,3 +139,54 @@ def test_composes_with_the_expression_adapter_in_either_order(comfy):
     one = hosts.comfy(expression_first, cond_or_uncond=[1, 0])
     assert torch.equal(one, hosts.comfy(reference_first, cond_or_uncond=[1, 0]))
     assert (one - hosts.comfy(reference_only, cond_or_uncond=[1, 0])).abs().max() > 1e-3  # both act
+
+
+def test_a_combined_id_conditioning_is_refused_with_a_clear_message(comfy):
+    hosts = Hosts("SD1.5", batch=1)
+    node = comfy.pack.nodes.reference_nodes.ApplyReferenceAdapter
+    lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
+    first, second = torch.randn(1, 7, CONTEXT_DIM), torch.randn(1, 7, CONTEXT_DIM)
+    with pytest.raises(ValueError, match="id_conditioning has 2 entries"):
+        node.execute(hosts.model, lora, None, torch.rand(1, 64, 64, 3), [[first, {}], [second, {}]], 0.8)
+    with pytest.raises(ValueError, match="id_conditioning is empty"):
+        node.execute(hosts.model, lora, None, torch.rand(1, 64, 64, 3), [], 0.8)
+
+
+@pytest.mark.parametrize("order", [[1, 0], [0, 1], [0]], ids=["uncond_first", "cond_first", "cfg_1"])
+def test_an_earlier_attn1_replace_runs_for_every_row_in_either_order(comfy, order):
+    from comfy.ldm.modules.attention import optimized_attention
+
+    from adapters.layers import SD15, self_attention_layers
+
+    hosts = Hosts("SD1.5", batch=2 * len(order))
+    lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
+    apply_reference = comfy.pack.nodes.reference_patch.apply_reference_adapter
+    latent, id_context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, CONTEXT_DIM)
+    calls = []  # (rows, extra key tokens beyond the query's own) per call of the other pack's replace
+
+    def other_pack(model):  # stands for attention couple / another reference method: chains, then scales
+        patched = model.clone()
+        existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
+        for layer in self_attention_layers(SD15):
+            previous = existing.get(layer.comfy_key)
+
+            def replace(q, k, v, extra_options, previous=previous):
+                calls.append((q.shape[0], k.shape[1] - q.shape[1]))
+                out = previous(q, k, v, extra_options) if previous else optimized_attention(q, k, v, extra_options["n_heads"])
+                return out * 1.5
+            patched.set_model_attn1_replace(replace, *layer.comfy_key)
+        return patched
+
+    other_first, _ = apply_reference(other_pack(hosts.model), lora, latent, id_context, 0.8)
+    calls.clear()
+    out_other_first = hosts.comfy(other_first, cond_or_uncond=order)
+    assert sum(rows for rows, _ in calls) == 16 * hosts.batch  # every row, the conditional ones included
+    conditional_rows = 2 * order.count(0)
+    assert sum(rows for rows, extra in calls if extra > 0) == 16 * conditional_rows  # with the reference appended
+    calls.clear()
+    reference_first, _ = apply_reference(hosts.model, lora, latent, id_context, 0.8)
+    out_reference_first = hosts.comfy(other_pack(reference_first), cond_or_uncond=order)
+    assert sorted(calls) == [(hosts.batch, 0)] * 16
+    torch.testing.assert_close(out_other_first, out_reference_first, atol=1e-5, rtol=1e-5)
+    reference_only = hosts.comfy(reference_first, cond_or_uncond=order)
+    assert (out_other_first - reference_only).abs().max() > 1e-3  # the other pack acts on every row

@@ -11,9 +11,10 @@ import torch
 from adapters.expression_adapter import FLAME_DIM, ExpressionAdapter
 from adapters.layers import SD15, SDXL, cross_attention_layers
 from adapters.projections import MLPProjection, TokenProjection
+from training.tiny import TINY_UNET_DEFAULTS, tiny_unet
 
-CHANNELS = 32
-CONTEXT_DIM = 32
+CHANNELS = TINY_UNET_DEFAULTS["block_out_channels"][0]
+CONTEXT_DIM = TINY_UNET_DEFAULTS["cross_attention_dim"]
 TIME_EMBED_DIM = 8  # SDXL's addition_time_embed_dim, narrowed
 SDXL_POOLED_DIM = 32
 
@@ -21,24 +22,18 @@ SDXL_POOLED_DIM = 32
 def diffusers_unet(family: str, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
+    if family == "SD1.5":  # the training package's tiny UNet (its smoke config runs the same one)
+        return tiny_unet({"seed": seed}).eval()
     torch.manual_seed(seed)
-    if family == "SD1.5":
-        unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(CHANNELS, 2 * CHANNELS, 4 * CHANNELS, 4 * CHANNELS),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=CONTEXT_DIM, attention_head_dim=8, norm_num_groups=32, layers_per_block=2,
-        )
-    else:
-        unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(CHANNELS, 2 * CHANNELS, 4 * CHANNELS),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-            attention_head_dim=(1, 1, 2),  # ComfyUI gives SDXL one head per 64 channels
-            cross_attention_dim=CONTEXT_DIM, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
-            projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * TIME_EMBED_DIM, norm_num_groups=32, layers_per_block=2,
-        )
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(CHANNELS, 2 * CHANNELS, 4 * CHANNELS),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        attention_head_dim=(1, 1, 2),  # ComfyUI gives SDXL one head per 64 channels
+        cross_attention_dim=CONTEXT_DIM, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * TIME_EMBED_DIM, norm_num_groups=32, layers_per_block=2,
+    )
     return unet.eval()
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from encoders.face_align import align_face
+
 
 class SkipSample(Exception):
     """The sample cannot be used (no face, ...); ``reason`` is counted in the report."""
@@ -35,48 +37,7 @@ class Sample:
     files: dict[str, np.ndarray] = field(default_factory=dict)  # extra RGB images: "local.jpg" -> H x W x 3 uint8
 
 
-# --- alignment ------------------------------------------------------------------------------
-
-def ffhq_quad(kps: np.ndarray) -> np.ndarray:
-    """FFHQ's crop square (4 corners: top-left, bottom-left, bottom-right, top-right) from 5 keypoints.
-
-    FFHQ (Karras et al., the alignment of its published script) places the square from the eye
-    and mouth centres; insightface's 5 points (eyes, nose, mouth corners) give exactly those.
-    Arc2Face and the Expression Adapter train on FFHQ-style aligned portraits.
-    """
-    kps = np.asarray(kps, dtype=np.float64)
-    eye_left, eye_right, mouth_left, mouth_right = kps[0], kps[1], kps[3], kps[4]
-    eye_avg = (eye_left + eye_right) * 0.5
-    eye_to_eye = eye_right - eye_left
-    eye_to_mouth = (mouth_left + mouth_right) * 0.5 - eye_avg
-    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
-    x /= np.hypot(*x)
-    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
-    y = np.flipud(x) * [-1, 1]
-    centre = eye_avg + eye_to_mouth * 0.1
-    return np.stack([centre - x - y, centre - x + y, centre + x + y, centre + x - y])
-
-
-def align_face(image: np.ndarray, kps: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The FFHQ-aligned ``size`` x ``size`` crop and the 2 x 3 source->crop matrix."""
-    import cv2
-
-    quad = ffhq_quad(kps).astype(np.float32)
-    target = np.float32([[0, 0], [0, size], [size, size]])
-    matrix = cv2.getAffineTransform(quad[:3], target)
-    side = float(np.hypot(*(quad[3] - quad[0])))
-    source = image
-    if side > 2 * size:
-        # Shrink first with area averaging: a direct warp of a much larger square aliases.
-        factor = 2 * size / side
-        source = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
-        matrix = matrix @ np.float32([[1 / factor, 0, 0], [0, 1 / factor, 0], [0, 0, 1]])
-    crop = cv2.warpAffine(source, matrix.astype(np.float32), (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REFLECT_101)
-    if source is not image:
-        matrix = matrix @ np.float32([[factor, 0, 0], [0, factor, 0], [0, 0, 1]])
-    return crop, matrix.astype(np.float32)
-
+# --- alignment (the crop itself: encoders.face_align, shared with the Reference Adapter node) ---
 
 def transform_box(box: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Bounding box of a box's 4 corners under an affine map."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-# The tiny SD1.5-shaped UNet of the tests (tests/tiny_unets.py): every SD1.5 block present.
+# The tiny SD1.5-shaped UNet, every SD1.5 block present; the tests (tests/tiny_unets.py) build theirs from it.
 TINY_UNET_DEFAULTS = {
     "sample_size": 8,
     "block_out_channels": [32, 64, 128, 128],
