@@ -55,6 +55,6 @@ def aligned_portraits(analyzer, images, size: int = 512, face_index: int = 0):
     from .images import split_batch, to_uint8_rgb
 
     faces = analyzer.analyze(images, face_index=face_index)
-    portraits = [align_portrait(to_uint8_rgb(image, f"image {i}"), face.kps, size)
+    portraits = [align_portrait(to_uint8_rgb(image, f"image {i + 1}"), face.kps, size)
                  for i, (image, face) in enumerate(zip(split_batch(images), faces))]
     return torch.from_numpy(np.stack(portraits)).float() / 255.0
