@@ -8,6 +8,7 @@ same nested form here.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -108,7 +109,6 @@ EXPRESSION_ADAPTER_FILE, REFERENCE_LORA_FILE = "expression_adapter", "reference_
 def safetensors_keys(path) -> list[str]:
     """The tensor names of a .safetensors file, read from its header alone (cheap for large files)."""
     import json
-    import struct
 
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
@@ -126,7 +126,7 @@ def adapter_file_kind(path) -> str | None:
     if name.endswith(SAFETENSORS_SUFFIXES):
         try:
             keys = safetensors_keys(path)
-        except (OSError, ValueError):
+        except (OSError, ValueError, struct.error):  # unreadable or truncated: not listed
             return None
         if any("lora" in key for key in keys):
             return REFERENCE_LORA_FILE

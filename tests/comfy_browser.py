@@ -49,13 +49,14 @@ def sample_photo() -> Path:
 class ComfyServer:
     """``python main.py`` of a ComfyUI checkout, with this pack, in a throw-away base directory."""
 
-    def __init__(self, comfyui: Path, base: Path, photo_names=("arc2face_person.jpg",)):
+    def __init__(self, comfyui: Path, base: Path, photo_names=("arc2face_person.jpg",), model_files=()):
         self.comfyui = Path(comfyui)
         self.base = Path(base)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "server.log"
         self.photo_names = photo_names
+        self.model_files = model_files
         self.process: subprocess.Popen | None = None
 
     def _prepare(self) -> None:
@@ -69,6 +70,18 @@ class ComfyServer:
         photo = Image.open(sample_photo()).convert("RGB")
         for name in self.photo_names:
             photo.save(self.base / "input" / name)
+        # The files the workflows name, as placeholders, so each loader's list holds the workflow's choice
+        # as it would for a user who put the files in place (their contents are never read here).
+        for name in self.model_files:
+            path = self.base / "models" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if name.endswith(".safetensors"):
+                import torch
+                from safetensors.torch import save_file
+
+                save_file({"placeholder.lora.down.weight" if "lora" in name else "placeholder.weight": torch.zeros(1)}, path)
+            else:
+                path.write_bytes(b"")
         # A returning user: no first-run template dialog, no tours, no new-release popups.
         settings = self.base / "user" / "default" / "comfy.settings.json"
         settings.parent.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 from comfy_browser import PACK_FOLDER, ComfyServer, Frontend, chromium_path
+from workflow_checks import problems
 
-from workflows import run
+from workflows import convert, run
 
 pytestmark = pytest.mark.comfyui
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
@@ -49,8 +50,24 @@ def frontend(tmp_path_factory):
         import playwright  # noqa: F401
     except ImportError:
         _unavailable("playwright is not installed (pip install playwright; its own browser download is not needed)")
-    with ComfyServer(comfyui, tmp_path_factory.mktemp("comfyui_base")) as server, Frontend(server, executable) as page:
+    base = tmp_path_factory.mktemp("comfyui_base")
+    with ComfyServer(comfyui, base, model_files=workflow_model_files()) as server, Frontend(server, executable) as page:
         yield page
+
+
+def workflow_model_files() -> list[str]:
+    """The model files the examples name, relative to ComfyUI/models (a folder name stands for its files)."""
+    files = set()
+    for path in (WORKFLOWS / "api").glob("*.json"):
+        for node in json.loads(path.read_text()).values():
+            for (class_type, name), folder in convert.FILE_INPUTS.items():
+                value = node["inputs"].get(name)
+                if node["class_type"] == class_type and folder.startswith("models/") and isinstance(value, str):
+                    if node["class_type"] == "ExpressionAdaptersLoadArc2FaceIDEncoder":
+                        files |= {f"arc2face/{value}/config.json", f"arc2face/{value}/pytorch_model.bin"}
+                    else:
+                        files.add(f"{folder.removeprefix('models/')}/{value}")
+    return sorted(files)
 
 
 def overlaps(a, b) -> bool:
@@ -76,6 +93,12 @@ def test_workflow_loads_readably_and_gives_its_api_form(frontend, name):
     assert frontend.graph_to_prompt() == expected
 
     frontend.screenshot(ARTIFACTS / f"{name}.png", clip=frontend.fit_view())
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_workflow_fits_comfyuis_node_definitions(frontend, name):
+    """Against ComfyUI's own /object_info: node types, widget values, link types."""
+    assert problems(json.loads((WORKFLOWS / f"{name}.json").read_text()), frontend.server.object_info) == []
 
 
 def test_templates_browser_lists_each_example_once_with_a_thumbnail_and_opens_it(frontend):

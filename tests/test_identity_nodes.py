@@ -11,15 +11,12 @@ against a local stand-in for the hub.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from encoders.downloads import ARC2FACE_REPO
 from encoders.identity import DETECTOR_FILE
@@ -29,9 +26,7 @@ from onnx_face_models import (
     DET_SIZE,
     export_detector,
     export_recognizer,
-    insightface_images,
 )
-from workflows import run
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")]
 pytest.importorskip("insightface")
@@ -276,39 +271,6 @@ def test_loaded_encoder_fits_comfyui_devices(comfy, id_encoder):
     # on the CPU the encoder runs in float32 (ComfyUI's fp16 text-encoder default is for GPUs)
     assert parameter.dtype == (torch.float32 if id_encoder.load_device.type == "cpu" else torch.float16)
     assert Path(id_encoder.folder) == official_models_dir() / ID_ENCODER_DIR
-
-
-@pytest.fixture
-def comfy_dirs(comfy, tmp_path):
-    """ComfyUI's input and temp folders in tmp for one test (run.py copies --image files into the input folder)."""
-    import folder_paths
-
-    saved = folder_paths.get_input_directory(), folder_paths.get_temp_directory()
-    folder_paths.set_input_directory(str(tmp_path / "input"))
-    folder_paths.set_temp_directory(str(tmp_path / "temp"))
-    (tmp_path / "input").mkdir()
-    yield tmp_path
-    folder_paths.set_input_directory(saved[0])
-    folder_paths.set_temp_directory(saved[1])
-
-
-def run_id_workflow(name: str, tmp_path: Path, face_models: Path) -> list[Path]:
-    small = ["--set", "9.width=64", "--set", "9.height=64", "--set", "10.steps=2", "--seed", "7"]
-    arguments = [WORKFLOWS / name, *small, "--image", f"1={insightface_images() / 't1.jpg'}",
-                 "--models", official_models_dir(), "--models", face_models, "--output-dir", tmp_path / "output", "--cpu"]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert run.main([str(argument) for argument in arguments]) == 0
-    return [Path(line) for line in printed.getvalue().split()]
-
-
-@pytest.mark.parametrize("name", ["arc2face_id_api.json", "arc2face_id_expression_api.json", "arc2face_reference_api.json"])
-def test_id_workflow_runs_headless_on_a_photo(comfy, comfy_dirs, face_models, name):
-    [saved] = run_id_workflow(name, comfy_dirs, face_models)
-    image = np.asarray(Image.open(saved))
-    assert saved.parent == comfy_dirs / "output" and image.shape == (64, 64, 3) and image.std() > 0
-    previews = list((comfy_dirs / "temp").glob("*.png"))
-    assert len(previews) == 1 and np.asarray(Image.open(previews[0])).shape == (112, 112, 3)  # the aligned face
 
 
 def test_reference_faces_are_aligned_to_portraits_and_faceless_references_named(comfy, analyzer, t1):
