@@ -186,9 +186,14 @@ def hub_download(entry: RemoteFile, path, *, endpoint: str | None = None, timeou
 
     path = Path(path)
     staging = path.parent / STAGING
-    fetched = hf_hub_download(entry.repo, entry.filename, revision=entry.revision, local_dir=staging,
-                              endpoint=(endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
-                              etag_timeout=timeout)
+    try:
+        fetched = hf_hub_download(entry.repo, entry.filename, revision=entry.revision, local_dir=staging,
+                                  endpoint=(endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+                                  etag_timeout=timeout)
+    except Exception:
+        if not any(staging.rglob("*.incomplete")):  # keep the staging folder only where there is a part to resume
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     os.replace(fetched, path)
     shutil.rmtree(staging, ignore_errors=True)  # done: nothing left to resume
     return path
