@@ -41,7 +41,7 @@ VIEWPORT = (1600, 1000)  # the view saved with the workflow frames the whole gra
 STAGES = {
     "identity": ("1. Identity (who)", "#3f789e"),
     "expression": ("2. Expression (which face)", "#8A8"),
-    "model": ("3. Model and adapters", "#a1309b"),
+    "model": ("3. Model and adapters", "#b06634"),
     "sampling": ("4. Sampling", "#b58b2a"),
 }
 # Nodes whose stage the rules below cannot tell; a node not named here follows its category.
