@@ -41,6 +41,37 @@ def test_each_example_has_a_ui_form_and_thumbnail_in_the_template_folder_and_not
     assert not list(WORKFLOWS.glob("*_api.json"))  # ComfyUI would list them as templates that cannot open
 
 
+def _inside(box, outer) -> bool:
+    return outer[0] <= box[0] and outer[1] <= box[1] and box[0] + box[2] <= outer[0] + outer[2] \
+        and box[1] + box[3] <= outer[1] + outer[3]
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+@pytest.mark.parametrize("api_path", API_WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_layout_has_a_note_and_titled_stage_groups_that_hold_every_node_without_overlap(api_path):
+    """The saved layout (the browser test checks it again with the sizes the frontend computes)."""
+    ui = json.loads(convert.ui_path(api_path).read_text())
+    boxes = {node["id"]: [node["pos"][0], node["pos"][1] - convert.TITLE_HEIGHT, node["size"][0],
+                          node["size"][1] + convert.TITLE_HEIGHT] for node in ui["nodes"]}
+    ids = sorted(boxes)
+    assert not [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if _overlap(boxes[a], boxes[b])]
+    groups = [group["bounding"] for group in ui["groups"]]
+    assert {group["title"] for group in ui["groups"]} <= {title for title, _ in convert.STAGES.values()}
+    assert not [(a, b) for i, a in enumerate(groups) for b in groups[i + 1:] if _overlap(a, b)]
+    [note] = [node for node in ui["nodes"] if node["type"] == "Note"]
+    assert "models/" in note["widgets_values"][0]
+    for node in ui["nodes"]:
+        homes = [group for group in groups if _inside(boxes[node["id"]], group)]
+        assert len(homes) == (0 if node is note else 1), node["title"]
+    # left to right by dependency: every link runs from a column to one further right
+    x = {node["id"]: node["pos"][0] for node in ui["nodes"]}
+    assert all(x[origin] < x[target] for _, origin, _, target, _, _ in ui["links"])
+    assert all(len(node["title"]) <= convert.MAX_TITLE for node in ui["nodes"])
+
+
 @pytest.mark.parametrize("api_path", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_ui_form_is_generated_from_the_api_form(comfy, api_path):
     expected = convert.api_to_ui(json.loads(api_path.read_text()), comfy.nodes.NODE_CLASS_MAPPINGS)
