@@ -8,6 +8,7 @@ same nested form here.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -100,3 +101,39 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     if problem:
         raise AdapterFileError(path, kind, base_model, problem)
     module.load_state_dict(state_dict, strict=True)
+
+
+EXPRESSION_ADAPTER_FILE, REFERENCE_LORA_FILE = "expression_adapter", "reference_lora"
+
+
+def safetensors_keys(path) -> list[str]:
+    """The tensor names of a .safetensors file, read from its header alone (cheap for large files)."""
+    import json
+
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return [key for key in header if key != "__metadata__"]
+
+
+def adapter_file_kind(path) -> str | None:
+    """Which of our adapter files ``path`` is: :data:`EXPRESSION_ADAPTER_FILE` (``image_proj``/``ip_adapter``
+    keys), :data:`REFERENCE_LORA_FILE` (LoRA keys), or None. Safetensors files are told by their keys
+    (header only); pickled files cannot be read without loading them, so they are told by name: a name
+    with ``lora``, ``ref_adapter`` or starting ``ref`` is a Reference LoRA, any other a candidate Expression Adapter (published as
+    ``exp_adapter.bin``)."""
+    name = os.fspath(path).lower()
+    if name.endswith(SAFETENSORS_SUFFIXES):
+        try:
+            keys = safetensors_keys(path)
+        except (OSError, ValueError, struct.error):  # unreadable or truncated: not listed
+            return None
+        if any("lora" in key for key in keys):
+            return REFERENCE_LORA_FILE
+        if any(key.startswith(("image_proj.", "ip_adapter.")) for key in keys):
+            return EXPRESSION_ADAPTER_FILE
+        return None
+    if name.endswith(PICKLE_SUFFIXES):
+        reference = "lora" in name or "ref_adapter" in name or os.path.basename(name).startswith("ref")
+        return REFERENCE_LORA_FILE if reference else EXPRESSION_ADAPTER_FILE
+    return None

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checks import rows_text
 from .optional import require
 from .weight_files import read_checkpoint
 
@@ -209,7 +210,7 @@ class Arc2FaceIDEncoder:
         norms = vectors.norm(dim=1)
         bad = [int(i) for i in (~finite | (norms == 0)).nonzero().flatten()]
         if bad:
-            raise ValueError(f"ID embeddings in batch rows {bad} are zero or not finite")
+            raise ValueError(f"ID embeddings are zero or not finite in batch {rows_text(bad)} (counting from 1)")
         return F.pad(vectors / norms[:, None], (0, self.hidden_size - vectors.shape[1]))
 
     @contextmanager

@@ -1,10 +1,15 @@
 """Fetch published model files into ComfyUI's model folders, only when the user asks.
 
-Every file is checked first; a missing one is downloaded (if allowed) to a temporary file beside
-its destination and renamed into place when complete, so an interrupted download never leaves a
-file that looks finished. Hub URLs honour ``HF_ENDPOINT`` (a mirror), read at call time. When a
-file cannot be fetched, or downloading is off, the error lists each URL and the exact path to
-save it at.
+Every file is checked first; a missing one is downloaded (if allowed):
+- from the model hub with ``huggingface_hub.hf_hub_download``, the ecosystem's downloader: it honours
+  ``HF_ENDPOINT`` (a mirror; read at call time here) and ``HF_TOKEN`` (gated repositories), resumes an
+  interrupted transfer, and checks the size it was promised. It downloads into a hidden staging folder
+  beside the destination (``.hf_download/``, which keeps the resumable part) and the finished file is
+  then renamed into place;
+- from other hosts (MediaPipe's model store) to a temporary ``.part`` file beside the destination, renamed
+  into place only when complete and, where the project knows them, of the right size and sha256.
+So an interrupted download never leaves a file that looks finished. When a file cannot be fetched, or
+downloading is off, the error lists each source and the exact path to save it at.
 
 The files are data (:data:`FILE_GROUPS`); destinations are ``(models folder name, relative path)``
 so the ComfyUI layer can map folder names through ``folder_paths``.
@@ -15,8 +20,10 @@ Command line: ``python -m encoders.downloads arc2face --models-dir ComfyUI/model
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import urllib.error
@@ -37,6 +44,7 @@ class RemoteFile:
     """One published file: hub ``repo``/``filename`` (or a plain ``url``) -> ``folder``/``path``.
 
     ``manual``: no direct download exists; the text says where to get the file.
+    ``size`` / ``sha256``: what a file from another host must be (checked after download), where known.
     """
 
     folder: str
@@ -46,6 +54,8 @@ class RemoteFile:
     revision: str = "main"
     url: str | None = None
     manual: str | None = None
+    size: int | None = None
+    sha256: str | None = None
 
     def source(self, endpoint: str | None = None) -> str:
         if self.url or self.manual:
@@ -89,10 +99,12 @@ FILE_GROUPS: dict[str, tuple[RemoteFile, ...]] = {
             "smirk", "SMIRK_em1.pt",
             manual="SMIRK's pretrained model (Google Drive link in https://github.com/georgeretsi/smirk's README)",
         ),
+        # The versioned float16 bundle (face detector, 478-point landmarker, blendshapes); "latest" could change.
         RemoteFile(
             "mediapipe", "face_landmarker.task",
-            url="https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/float16/latest/"
+            url="https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/float16/1/"
             "face_landmarker.task",
+            size=3758596, sha256="64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0bc9ff",
         ),
     ),
 }
@@ -127,11 +139,14 @@ def _progress_bar(total: int | None, label: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False)
 
 
-def download_file(url: str, path, *, timeout: float = 60.0, progress: bool = True) -> Path:
-    """Download ``url`` to a temporary file beside ``path`` and rename it into place when complete."""
+def download_file(url: str, path, *, timeout: float = 60.0, progress: bool = True, size: int | None = None,
+                  sha256: str | None = None) -> Path:
+    """Download ``url`` to a temporary file beside ``path`` and rename it into place when complete (and, when
+    given, of ``size`` bytes with this ``sha256``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    digest = hashlib.sha256()
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "comfyui-expression-adapters"})
         with os.fdopen(handle, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
@@ -142,6 +157,7 @@ def download_file(url: str, path, *, timeout: float = 60.0, progress: bool = Tru
             try:
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
+                    digest.update(chunk)
                     received += len(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
@@ -150,10 +166,36 @@ def download_file(url: str, path, *, timeout: float = 60.0, progress: bool = Tru
                     bar.close()
         if total is not None and received != total:
             raise OSError(f"the download stopped after {received} of {total} bytes")
+        if size is not None and received != size:
+            raise OSError(f"got {received} bytes where the published file has {size}")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise OSError(f"sha256 {digest.hexdigest()} differs from the published file's {sha256}")
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+    return path
+
+
+STAGING = ".hf_download"  # hf_hub_download's local_dir beside the destination: the resumable part lives here
+
+
+def hub_download(entry: RemoteFile, path, *, endpoint: str | None = None, timeout: float = 60.0) -> Path:
+    """``entry``'s hub file through ``hf_hub_download`` (HF_ENDPOINT, HF_TOKEN, resume, size check), renamed to ``path``."""
+    from huggingface_hub import hf_hub_download
+
+    path = Path(path)
+    staging = path.parent / STAGING
+    try:
+        fetched = hf_hub_download(entry.repo, entry.filename, revision=entry.revision, local_dir=staging,
+                                  endpoint=(endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+                                  etag_timeout=timeout)
+    except Exception:
+        if not any(staging.rglob("*.incomplete")):  # keep the staging folder only where there is a part to resume
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    os.replace(fetched, path)
+    shutil.rmtree(staging, ignore_errors=True)  # done: nothing left to resume
     return path
 
 
@@ -162,6 +204,14 @@ def _reason(error: Exception) -> str:
         return f"HTTP {error.code} {error.reason}"
     if isinstance(error, urllib.error.URLError):
         return f"cannot reach the server: {error.reason}"
+    chain = [error, error.__cause__, error.__context__]
+    for candidate in chain:  # huggingface_hub's errors carry the HTTP response, or wrap the one that does
+        response = getattr(candidate, "response", None)
+        if getattr(response, "status_code", None):
+            return f"HTTP {response.status_code} {getattr(response, 'reason_phrase', '')}".strip()
+    for candidate in chain:
+        if candidate is not None and "connect" in type(candidate).__name__.lower():
+            return f"cannot reach the server: {candidate}"
     return str(error) or type(error).__name__
 
 
@@ -184,7 +234,7 @@ def ensure_files(
     places = [destination(entry, models_dir, folders) for entry in entries]
     missing = []
     for entry, path in zip(entries, places):
-        if _present(path):
+        if _present(path, entry):
             logger.info("Model file present: %s", path)
         else:
             missing.append((entry, entry.source(endpoint), path))
@@ -198,9 +248,12 @@ def ensure_files(
             continue
         logger.info("Downloading %s -> %s", source, path)
         try:
-            download_file(source, path, timeout=timeout, progress=progress)
+            if entry.repo and not entry.url:
+                hub_download(entry, path, endpoint=endpoint, timeout=timeout)
+            else:
+                download_file(source, path, timeout=timeout, progress=progress, size=entry.size, sha256=entry.sha256)
         except Exception as error:
-            still = [(source, path) for _, source, path in missing if not _present(path)]
+            still = [(source, path) for pending, source, path in missing if not _present(path, pending)]
             raise MissingModelFiles(
                 f"Could not download {source} ({_reason(error)}). {_instructions(still)}", still
             ) from error
@@ -211,8 +264,11 @@ def ensure_files(
     return places
 
 
-def _present(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 0
+def _present(path: Path, entry: RemoteFile | None = None) -> bool:
+    """A finished file: non-empty and, where the published size is known, of that size."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    return entry is None or entry.size is None or path.stat().st_size == entry.size
 
 
 def main(argv: list[str] | None = None) -> int:

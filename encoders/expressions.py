@@ -21,12 +21,15 @@ from typing import ClassVar
 
 import torch
 
+from .checks import rows_text
+
 
 class ExpressionValue:
     """Base class: a batch of fixed-shape expression rows."""
 
     kind: ClassVar[str] = "expression"
     row_shape: ClassVar[tuple[int, ...]] = ()
+    max_abs_typed: ClassVar[float | None] = None  # refuse typed (JSON) values beyond +-this; None: no bound
 
     def __init__(self, values):
         values = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
@@ -39,7 +42,7 @@ class ExpressionValue:
             )
         if not torch.isfinite(values).all():
             bad_rows = sorted({int(i) for i in (~torch.isfinite(values)).flatten(1).any(1).nonzero().flatten()})
-            raise ValueError(f"{self.kind} has NaN or infinite values in batch rows {bad_rows}")
+            raise ValueError(f"{self.kind} has NaN or infinite values in batch {rows_text(bad_rows)} (counting from 1)")
         self.values = values
         self._validate()
 
@@ -110,6 +113,14 @@ class ExpressionValue:
         return values[0]._like(torch.cat([v.values for v in values]))
 
     # JSON ----------------------------------------------------------------------------------
+    @classmethod
+    def json_format(cls) -> str:
+        """What :meth:`from_json` reads, with an example, for error messages."""
+        size = "x".join(map(str, cls.row_shape))
+        example = "[0.8, -0.3, 0.0, ...]"
+        return (f"Expected a JSON list of {size} numbers (one row, e.g. {example} with {size} numbers), a list of such lists (one per "
+                f'image), or a saved preset {{"kind": "{cls.kind}", "values": [...]}}')
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "values": self.values.tolist()}
 
@@ -131,18 +142,27 @@ class ExpressionValue:
         extra = {}
         if isinstance(data, dict):
             if data.get("kind") != cls.kind:
-                raise ValueError(f"expected a {cls.kind} preset, got kind {data.get('kind')!r}")
+                found = f"a preset of kind {data['kind']!r}" if "kind" in data else f"an object with keys {sorted(data)[:5]}"
+                raise ValueError(f"{cls.kind}: got {found}. {cls.json_format()}")
             try:
                 extra = cls._from_dict_extra(data)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{cls.kind}: {error}") from error
             data = data.get("values")
         if not isinstance(data, list):
-            raise ValueError(f"{cls.kind}: expected a JSON list of numbers")
+            raise ValueError(f"{cls.kind}: got {type(data).__name__} {text.strip()[:40]!r}. {cls.json_format()}")
         try:
-            return cls(torch.tensor(data, dtype=torch.float32), **extra)
+            value = cls(torch.tensor(data, dtype=torch.float32), **extra)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{cls.kind}: {error}") from error
+        if cls.max_abs_typed is not None:
+            too_large = value.values.abs().flatten(1) > cls.max_abs_typed
+            if too_large.any():
+                rows = sorted({int(i) for i in too_large.any(1).nonzero().flatten()})
+                raise ValueError(f"{cls.kind}: values beyond +-{cls.max_abs_typed:g} in {rows_text(rows)} (counting "
+                                 f"from 1; largest {value.values.abs().max().item():g}); these parameters stay within "
+                                 "a few units")
+        return value
 
 
 class FlameExpression(ExpressionValue):
@@ -154,6 +174,9 @@ class FlameExpression(ExpressionValue):
 
     kind = "flame_expression"
     row_shape = (55,)
+    # Our bound on typed values, not SMIRK's or FLAME's (which set none): faces SMIRK reads stay within a
+    # few units, the sliders span +-3; 50 leaves room for exaggeration and refuses the absurd (1e30 from a typo).
+    max_abs_typed: ClassVar[float | None] = 50.0
     EXPRESSION = slice(0, 50)
     EYELIDS = slice(50, 52)
     JAW = slice(52, 55)

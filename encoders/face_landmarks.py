@@ -106,9 +106,9 @@ def _fill_missing(rows: list, found: list[bool], on_missing: str) -> list:
     if not missing:
         return rows
     if on_missing == "error" or all(not ok for ok in found):
-        which = ", ".join(map(str, missing))
+        which = ", ".join(str(i + 1) for i in missing)
         raise ValueError(
-            f"no face found in image {which} of the batch (batch index, counting from 0)"
+            f"no face found in image {which} of the batch (counting from 1)"
             + ("" if on_missing == "error" else "; no image of the batch has a face to copy from")
         )
     if on_missing != "previous":

@@ -298,17 +298,17 @@ class FaceAnalyzer:
                 where = "no detections were given for it"
             if not faces:
                 raise FaceNotFoundError(
-                    f"No face found in image {index} of {len(images_bgr)} ({where}). Use a photo where the "
+                    f"No face found in image {index + 1} of {len(images_bgr)} ({where}). Use a photo where the "
                     "face is clearly visible, or try another detection size."
                 )
             if face_index >= len(faces):
                 raise FaceNotFoundError(
-                    f"Image {index}: face_index {face_index} asked for, but {len(faces)} face(s) were found "
+                    f"Image {index + 1}: face_index {face_index} asked for, but {len(faces)} face(s) were found "
                     f"({where}); faces are numbered by box area, largest first, from 0."
                 )
             face = faces[face_index]
             crop = self.align(image, face)
-            embedding = self.embed_crop(crop, f"image {index}")
+            embedding = self.embed_crop(crop, f"image {index + 1}")
             results.append(
                 FaceResult(index, face_index, len(faces), embedding, face.box, face.kps, face.score, crop)
             )

@@ -87,7 +87,7 @@ def split_batch(images) -> list:
 def to_bgr_uint8_list(images) -> list[np.ndarray]:
     """A batch (see :func:`split_batch`) as ``H x W x 3`` uint8 BGR arrays, the order OpenCV and insightface use."""
     return [
-        np.ascontiguousarray(to_uint8_rgb(image, f"image {index}")[:, :, ::-1])
+        np.ascontiguousarray(to_uint8_rgb(image, f"image {index + 1}")[:, :, ::-1])
         for index, image in enumerate(split_batch(images))
     ]
 

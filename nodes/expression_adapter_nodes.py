@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..adapters.checkpoints import EXPRESSION_ADAPTER_FILE, adapter_file_kind
 from ..adapters.expression_adapter import ExpressionAdapter
 from ..encoders.expression_edit import edit_flame
 from ..encoders.expressions import FlameExpression
 from .cross_attention_patch import apply_cross_attention_branch
+from .model_folders import model_choices, model_file
 from .types import ExpressionAdapterType, FlameExpressionType
+from .validation import check_numbers
 
 CATEGORY = "expression_adapters"
+EXPRESSION_ADAPTER_NAME = "exp_adapter.bin"
+EXPRESSION_ADAPTER_SOURCE = "hub repo FoivosPar/Arc2Face, file exp_adapter/exp_adapter.bin (https://huggingface.co/FoivosPar/Arc2Face)"
 
 
 class LoadExpressionAdapter(io.ComfyNode):
@@ -24,14 +28,16 @@ class LoadExpressionAdapter(io.ComfyNode):
             category=f"{CATEGORY}/loaders",
             description="Loads an Arc2Face Expression Adapter (exp_adapter.bin as published, or our .safetensors) "
                         "from ComfyUI/models/expression_adapters.",
-            inputs=[io.Combo.Input("adapter_name", options=folder_paths.get_filename_list("expression_adapters"),
-                                   tooltip="File in ComfyUI/models/expression_adapters")],
+            inputs=[io.Combo.Input("adapter_name", tooltip="Expression Adapter file in ComfyUI/models/expression_adapters "
+                                                           "(exp_adapter.bin as published); Reference Adapter files are not listed",
+                                   options=model_choices("expression_adapters", EXPRESSION_ADAPTER_NAME,
+                                                         lambda path: adapter_file_kind(path) == EXPRESSION_ADAPTER_FILE))],
             outputs=[ExpressionAdapterType.Output(display_name="expression_adapter")],
         )
 
     @classmethod
     def execute(cls, adapter_name):
-        path = folder_paths.get_full_path_or_raise("expression_adapters", adapter_name)
+        path = model_file("expression_adapters", adapter_name, EXPRESSION_ADAPTER_SOURCE)
         return io.NodeOutput(ExpressionAdapter.from_file(path).eval())
 
 
@@ -59,6 +65,7 @@ class FlameExpressionNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, json_values, **controls):
+        check_numbers(cls, **controls)
         base = FlameExpression.from_json(json_values) if json_values.strip() else None
         return io.NodeOutput(edit_flame(base, "offset", controls))
 
@@ -73,10 +80,12 @@ class ApplyExpressionAdapter(io.ComfyNode):
             description="Adds the expression branch to every cross-attention layer of an Arc2Face (SD1.5) model. "
                         "Stacks with IPAdapter, InstantID and other expression branches.",
             inputs=[
-                io.Model.Input("model"),
-                ExpressionAdapterType.Input("expression_adapter"),
+                io.Model.Input("model", tooltip="The Arc2Face UNet (Load Diffusion Model), possibly already patched"),
+                ExpressionAdapterType.Input("expression_adapter", tooltip="From Load Expression Adapter"),
                 FlameExpressionType.Input("expression", tooltip="One row for the whole batch, or one row per image"),
-                io.Float.Input("strength", default=ExpressionAdapter.default_scale, min=0.0, max=3.0, step=0.05),
+                io.Float.Input("strength", default=ExpressionAdapter.default_scale, min=0.0, max=3.0, step=0.05,
+                               tooltip="Weight of the expression branch: 0 off, 1 as trained (default); above about "
+                                       "1.5 the expression overrides the identity"),
                 io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Fraction of sampling where the branch starts"),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Fraction of sampling where the branch stops"),
             ],
@@ -85,6 +94,7 @@ class ApplyExpressionAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, expression_adapter, expression, strength, start_at, end_at):
+        check_numbers(cls, strength=strength, start_at=start_at, end_at=end_at)
         with torch.no_grad():
             cond_tokens = expression_adapter.expression_tokens(expression.values)
             uncond_tokens = expression_adapter.unconditional_tokens()

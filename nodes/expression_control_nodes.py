@@ -44,6 +44,7 @@ from ..encoders.expressions import (
 )
 from ..encoders.previews import blendshape_chart, emotion_chart, flame_chart
 from .types import ArkitBlendshapesType, EmotionType, FaceLandmarksType, FlameExpressionType
+from .validation import check_numbers
 
 CATEGORY = "expression_adapters/expression"
 FLAME_EDITOR_COMPONENTS = 10
@@ -107,6 +108,7 @@ class FlameExpressionEditor(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode, base=None, **controls):
+        check_numbers(cls, **controls)
         return io.NodeOutput(edit_flame(base, mode=mode, controls=controls))
 
 
@@ -135,6 +137,7 @@ class ArkitBlendshapeEditor(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode, base=None, **scores):
+        check_numbers(cls, **scores)
         return io.NodeOutput(edit_blendshapes(base, scores=scores, mode=mode))
 
 
@@ -154,7 +157,8 @@ class ManualEmotion(io.ComfyNode):
                                tooltip="class: class + intensity (valence/arousal from the class); valence_arousal: "
                                        "the two sliders; class_with_valence_arousal: class + intensity, sliders "
                                        "for valence/arousal"),
-                io.Combo.Input("emotion", options=list(EMOTION_CLASSES), default="Happy"),
+                io.Combo.Input("emotion", options=list(EMOTION_CLASSES), default="Happy",
+                               tooltip="The emotion class (modes class and class_with_valence_arousal)"),
                 io.Float.Input("intensity", default=1.0, min=0.0, max=1.0, step=0.05,
                                tooltip="Probability on the class; the rest goes to Neutral"),
                 io.Float.Input("valence", default=0.0, min=-1.0, max=1.0, step=0.05, tooltip="Unpleasant -1 .. pleasant 1"),
@@ -165,6 +169,7 @@ class ManualEmotion(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode, emotion, intensity, valence, arousal):
+        check_numbers(cls, intensity=intensity, valence=valence, arousal=arousal)
         if mode == "valence_arousal":
             return io.NodeOutput(emotion_from_valence_arousal(valence, arousal))
         if mode == "class_with_valence_arousal":
@@ -207,13 +212,14 @@ class Neutralize(PerKindNode):
                  for toggle, part in cls.FLAME_PARTS.items()] if cls.kind is FLAME else []
         return cls.kind_schema("Moves an expression towards neutral (FLAME zeros, blendshapes zeros, emotion Neutral "
                                "with valence = arousal = 0).", [
-            cls.kind.socket.Input(cls.kind.name),
+            cls.kind.socket.Input(cls.kind.name, tooltip="The value to move towards neutral (any number of rows)"),
             io.Float.Input("amount", default=1.0, min=0.0, max=1.0, step=0.05, tooltip="0 unchanged, 1 fully neutral"),
             *parts,
         ])
 
     @classmethod
     def execute(cls, amount, **inputs):
+        check_numbers(cls, amount=amount)
         value = inputs[cls.kind.name]
         parts = [part for toggle, part in cls.FLAME_PARTS.items() if inputs.get(toggle, True)]
         return io.NodeOutput(neutralize(value, amount, parts=None if len(parts) == 3 else parts))
@@ -226,8 +232,8 @@ class Interpolate(PerKindNode):
     def define_schema(cls):
         return cls.kind_schema("A batch of frames going from start to end along an easing curve (frame 0 is start, "
                           "the last is end): feed it to a batch of latents of the same size.", [
-            cls.kind.socket.Input("start", tooltip="One row"),
-            cls.kind.socket.Input("end", tooltip="One row"),
+            cls.kind.socket.Input("start", tooltip="Where the animation starts (one row)"),
+            cls.kind.socket.Input("end", tooltip="Where the animation ends (one row)"),
             io.Int.Input("frames", default=16, min=1, max=4096, tooltip="Number of frames (rows) to make"),
             io.Combo.Input("easing", options=list(EASINGS), default="linear",
                            tooltip="ease_in starts slowly, ease_out ends slowly, ease_in_out both"),
@@ -235,6 +241,7 @@ class Interpolate(PerKindNode):
 
     @classmethod
     def execute(cls, start, end, frames, easing):
+        check_numbers(cls, frames=frames)
         return io.NodeOutput(interpolate_frames(start, end, frames, easing))
 
 
@@ -253,6 +260,7 @@ class Keyframes(PerKindNode):
 
     @classmethod
     def execute(cls, keyframes, frames, length, easing):
+        check_numbers(cls, length=length)
         return io.NodeOutput(keyframes_from_rows(keyframes, frames, length, easing))
 
 
@@ -275,6 +283,7 @@ class Smooth(PerKindNode):
 
     @classmethod
     def execute(cls, method, strength, window, order, **inputs):
+        check_numbers(cls, strength=strength, window=window, order=order)
         return io.NodeOutput(smooth_sequence(inputs[cls.kind.name], method, strength, window, order))
 
 
@@ -284,10 +293,10 @@ class Batch(PerKindNode):
     @classmethod
     def define_schema(cls):
         return cls.kind_schema("Joins values into one batch, rows in input order (keyframes, or per-image values).", [
-            cls.kind.socket.Input("first"),
-            cls.kind.socket.Input("second"),
-            cls.kind.socket.Input("third", optional=True),
-            cls.kind.socket.Input("fourth", optional=True),
+            cls.kind.socket.Input("first", tooltip="Rows that come first"),
+            cls.kind.socket.Input("second", tooltip="Rows that follow"),
+            cls.kind.socket.Input("third", optional=True, tooltip="Optional: rows after the second"),
+            cls.kind.socket.Input("fourth", optional=True, tooltip="Optional: rows after the third"),
         ])
 
     @classmethod
@@ -360,12 +369,14 @@ class BlendshapeChart(io.ComfyNode):
             display_name="Blendshape Chart",
             category=f"{CATEGORY}/previews",
             description="Bar chart of the 52 blendshape scores, one image per row.",
-            inputs=[ArkitBlendshapesType.Input("blendshapes"), io.Int.Input("width", default=512, min=256, max=2048)],
+            inputs=[ArkitBlendshapesType.Input("blendshapes", tooltip="One chart per row"),
+                    io.Int.Input("width", default=512, min=256, max=2048, tooltip="Chart width in pixels")],
             outputs=[io.Image.Output(display_name="chart")],
         )
 
     @classmethod
     def execute(cls, blendshapes, width):
+        check_numbers(cls, width=width)
         return io.NodeOutput(blendshape_chart(blendshapes, width=width))
 
 
@@ -378,9 +389,9 @@ class FlameChart(io.ComfyNode):
             category=f"{CATEGORY}/previews",
             description="Bars of the 55 FLAME parameters (expression, eyelids, jaw), one image per row.",
             inputs=[
-                FlameExpressionType.Input("expression"),
-                io.Int.Input("width", default=768, min=300, max=2048),
-                io.Int.Input("height", default=300, min=120, max=1024),
+                FlameExpressionType.Input("expression", tooltip="One chart per row"),
+                io.Int.Input("width", default=768, min=300, max=2048, tooltip="Chart width in pixels"),
+                io.Int.Input("height", default=300, min=120, max=1024, tooltip="Chart height in pixels"),
                 io.Float.Input("limit", default=0.0, min=0.0, max=20.0, step=0.5,
                                tooltip="Expression axis +-limit; 0 = max(3, largest value)"),
             ],
@@ -389,6 +400,7 @@ class FlameChart(io.ComfyNode):
 
     @classmethod
     def execute(cls, expression, width, height, limit):
+        check_numbers(cls, width=width, height=height, limit=limit)
         return io.NodeOutput(flame_chart(expression, width=width, height=height, limit=limit or None))
 
 
@@ -401,15 +413,16 @@ class EmotionChart(io.ComfyNode):
             category=f"{CATEGORY}/previews",
             description="Class probabilities as bars and valence/arousal on a circle, one image per row.",
             inputs=[
-                EmotionType.Input("emotion"),
-                io.Int.Input("width", default=512, min=256, max=2048),
-                io.Int.Input("height", default=220, min=120, max=1024),
+                EmotionType.Input("emotion", tooltip="One chart per row"),
+                io.Int.Input("width", default=512, min=256, max=2048, tooltip="Chart width in pixels"),
+                io.Int.Input("height", default=220, min=120, max=1024, tooltip="Chart height in pixels"),
             ],
             outputs=[io.Image.Output(display_name="chart")],
         )
 
     @classmethod
     def execute(cls, emotion, width, height):
+        check_numbers(cls, width=width, height=height)
         return io.NodeOutput(emotion_chart(emotion, width=width, height=height))
 
 

@@ -19,6 +19,7 @@ from ..encoders.landmark_image import PALETTES, render_landmark_image
 from ..encoders.previews import landmarks_overlay
 from ..encoders.smirk import SMIRK_CHECKPOINT_NAME, encode_expression, load_smirk_encoder
 from .helper_models import HelperModel, helper_module
+from .model_folders import model_choices, model_file
 from .types import (
     ArkitBlendshapesType,
     EmoNetType,
@@ -28,26 +29,12 @@ from .types import (
     FlameExpressionType,
     SmirkModelType,
 )
+from .validation import check_numbers
 
 CATEGORY = "expression_adapters"
 SMIRK_SOURCE = "the SMIRK project's pretrained model (Google Drive link in https://github.com/georgeretsi/smirk's README)"
 EMONET_FILE = "emonet_8.pth"
 EMONET_SOURCE = "https://github.com/face-analysis/emonet (folder pretrained/; licence CC BY-NC-ND 4.0)"
-
-
-def model_choices(folder: str, default: str) -> list[str]:
-    """The files of a model folder; the expected file name when there is none, so the loader can say where to get it."""
-    return folder_paths.get_filename_list(folder) or [default]
-
-
-def model_file(folder: str, name: str, source: str) -> str:
-    """Full path of ``name`` in the registered ``folder``; else an error naming the folders, the file and the source."""
-    path = folder_paths.get_full_path(folder, name)
-    if path is None:
-        searched = ", ".join(folder_paths.get_folder_paths(folder)) or f"ComfyUI/models/{folder}"
-        raise FileNotFoundError(f"model file '{name}' not found in the '{folder}' model folder ({searched}). "
-                                f"Download it from {source} and put it in that folder.")
-    return path
 
 
 class LoadSmirkEncoder(io.ComfyNode):
@@ -92,6 +79,7 @@ class LoadFaceLandmarker(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, max_faces, min_confidence):
+        check_numbers(cls, max_faces=max_faces, min_confidence=min_confidence)
         path = folder_paths.get_full_path("mediapipe", model_name)
         if path is None:  # the library's error names the folder, the file and the download URL
             path = face_landmarker_path(folder_paths.get_folder_paths("mediapipe")[0], model_name)
@@ -112,7 +100,7 @@ class FaceLandmarksNode(io.ComfyNode):
                         "can reuse the previous frame's face).",
             inputs=[
                 io.Image.Input("image", tooltip="A photo or a batch (video frames)"),
-                FaceLandmarkerType.Input("face_landmarker"),
+                FaceLandmarkerType.Input("face_landmarker", tooltip="From Load MediaPipe Face Landmarker"),
                 io.Int.Input("face_index", default=0, min=0, max=19,
                              tooltip="Which face: numbered by size, largest first, from 0"),
                 io.Combo.Input("running_mode", options=["image", "video"], default="image",
@@ -132,6 +120,7 @@ class FaceLandmarksNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, face_landmarker, face_index, running_mode, fps, on_missing):
+        check_numbers(cls, face_index=face_index, fps=fps)
         result = face_landmarker.detect(image, face_index=face_index, running_mode=running_mode, fps=fps,
                                         on_missing=on_missing)
         return io.NodeOutput(result.landmarks, result.blendshapes, landmarks_overlay(image, result.landmarks))
@@ -149,7 +138,7 @@ class SmirkExpression(io.ComfyNode):
                         "landmarker to find them here.",
             inputs=[
                 io.Image.Input("image", tooltip="A photo or a batch"),
-                SmirkModelType.Input("smirk_model"),
+                SmirkModelType.Input("smirk_model", tooltip="From Load SMIRK Encoder"),
                 io.Combo.Input("channel_order", options=["RGB", "BGR"], default="RGB",
                                tooltip="RGB is what SMIRK was trained on; BGR reproduces the Arc2Face Expression "
                                        "Adapter demo, which fed OpenCV's BGR frames"),
@@ -169,6 +158,7 @@ class SmirkExpression(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, smirk_model, channel_order, face_index, landmarks=None, face_landmarker=None):
+        check_numbers(cls, face_index=face_index)
         if landmarks is None:
             if face_landmarker is None:
                 raise ValueError("SMIRK Expression needs the face's landmarks: connect 'landmarks' (Face Landmarks) "
@@ -188,9 +178,11 @@ class LandmarkImage(io.ComfyNode):
             description="Draws the face contours (oval, brows, eyes, irises, nose, lips) on black, one colour per "
                         "region: FaceCrafter's landmark condition image (pose and expression).",
             inputs=[
-                FaceLandmarksType.Input("landmarks"),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                FaceLandmarksType.Input("landmarks", tooltip="From Face Landmarks: one row per image"),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8,
+                             tooltip="Width of the landmark image in pixels (the generated image's width)"),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8,
+                             tooltip="Height of the landmark image in pixels (the generated image's height)"),
                 io.Combo.Input("fit", options=["image", "face"], default="image",
                                tooltip="image: the canvas is the photo the landmarks came from (resized); "
                                        "face: the face centred, filling the canvas"),
@@ -209,6 +201,7 @@ class LandmarkImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, landmarks, width, height, fit, face_scale, palette, thickness, regions, mesh, points):
+        check_numbers(cls, width=width, height=height, face_scale=face_scale, thickness=thickness)
         chosen = [name.strip() for name in regions.split(",") if name.strip()]
         return io.NodeOutput(render_landmark_image(landmarks, height, width, regions=chosen, palette=palette,
                                                    thickness=thickness or None, fit=fit, face_scale=face_scale,
@@ -225,8 +218,8 @@ class EmojiDiffLocalImage(io.ComfyNode):
             description="EmojiDiff's expression reference: eyes with brows, nose and mouth kept, background and face "
                         "contour removed, cropped square for CLIP vision (then encode it with CLIP Vision Encode).",
             inputs=[
-                io.Image.Input("image"),
-                FaceLandmarksType.Input("landmarks"),
+                io.Image.Input("image", tooltip="The photo the landmarks came from (one per landmarks row)"),
+                FaceLandmarksType.Input("landmarks", tooltip="From Face Landmarks: one row per image"),
                 io.Int.Input("size", default=224, min=32, max=1024, step=8, tooltip="Side of the crop (CLIP: 224)"),
                 io.Combo.Input("mode", options=["parts", "inner_face"], default="parts",
                                tooltip="parts: each part on its own; inner_face: one region around them all"),
@@ -248,6 +241,7 @@ class EmojiDiffLocalImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, landmarks, size, mode, dilation, feather, margin, fill):
+        check_numbers(cls, size=size, dilation=dilation, feather=feather, margin=margin, fill=fill)
         local = emojidiff_local_image(image, landmarks, size=size, mode=mode, dilation=dilation, feather=feather,
                                       margin=margin, fill=fill)
         return io.NodeOutput(local.images, local.masks, local.full_masks)
@@ -282,8 +276,8 @@ class EmotionFromImage(io.ComfyNode):
             category=f"{CATEGORY}/expression/extract",
             description="Valence, arousal and the 8 emotion class probabilities of each face, with EmoNet.",
             inputs=[
-                io.Image.Input("image"),
-                EmoNetType.Input("emonet"),
+                io.Image.Input("image", tooltip="A photo or a batch"),
+                EmoNetType.Input("emonet", tooltip="From Load EmoNet"),
                 FaceLandmarksType.Input("landmarks", optional=True,
                                         tooltip="Crop around these landmarks; without them each image is taken "
                                                 "as a face crop already"),
@@ -298,6 +292,7 @@ class EmotionFromImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, emonet, crop_scale, landmarks=None):
+        check_numbers(cls, crop_scale=crop_scale)
         emotion, crops = predict_emotion(helper_module(emonet), image, landmarks, scale=crop_scale)
         return io.NodeOutput(emotion, crops)
 
@@ -311,9 +306,10 @@ class LandmarksOverlay(io.ComfyNode):
             category=f"{CATEGORY}/expression/previews",
             description="Draws the face contours and landmarks over the photos.",
             inputs=[
-                io.Image.Input("image"),
+                io.Image.Input("image", tooltip="The photos the landmarks came from"),
                 FaceLandmarksType.Input("landmarks", tooltip="One row per image, or several faces of one photo"),
-                io.Combo.Input("palette", options=list(PALETTES), default="regions"),
+                io.Combo.Input("palette", options=list(PALETTES), default="regions",
+                               tooltip="regions: a colour per region; mediapipe: MediaPipe's contour style"),
                 io.Boolean.Input("points", default=True, tooltip="Draw every landmark as a dot"),
                 io.Int.Input("thickness", default=0, min=0, max=16, tooltip="Line width in pixels; 0 = automatic"),
             ],
@@ -322,6 +318,7 @@ class LandmarksOverlay(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, landmarks, palette, points, thickness):
+        check_numbers(cls, thickness=thickness)
         return io.NodeOutput(landmarks_overlay(image, landmarks, palette=palette, points=points,
                                                thickness=thickness or None))
 

@@ -35,6 +35,7 @@ from ..encoders.identity import (
     find_model_files,
 )
 from .types import Arc2FaceIDEncoderType, ArcFaceEmbeddingType, FaceAnalyzerType
+from .validation import check_numbers
 
 CATEGORY = "expression_adapters"
 ANTELOPEV2 = ("models", "antelopev2")
@@ -100,6 +101,7 @@ class LoadInsightFace(io.ComfyNode):
 
     @classmethod
     def execute(cls, provider, det_size, download_missing):
+        check_numbers(cls, det_size=det_size)
         folder = antelopev2_folder()
         if download_missing:
             _download_insightface_files(folder)
@@ -128,7 +130,7 @@ class FaceEmbed(io.ComfyNode):
             description="Finds a face in each photo, aligns it (5 keypoints, 112x112) and computes its ArcFace identity "
                         "embedding (512 numbers, L2-normalised). Several photos of one person can be averaged.",
             inputs=[
-                FaceAnalyzerType.Input("face_analyzer"),
+                FaceAnalyzerType.Input("face_analyzer", tooltip="From Load InsightFace: finds and recognises the face"),
                 io.Image.Input("image", tooltip="One photo or a batch; grey, RGBA and 16-bit images are fine"),
                 io.Int.Input("face_index", default=0, min=0, max=99,
                              tooltip="Which face of each photo: faces are numbered by box area, largest first, from 0"),
@@ -148,14 +150,15 @@ class FaceEmbed(io.ComfyNode):
 
     @classmethod
     def execute(cls, face_analyzer, image, face_index, average, outlier_distance):
+        check_numbers(cls, face_index=face_index, outlier_distance=outlier_distance)
         threshold = None if outlier_distance >= MAX_COSINE_DISTANCE else float(outlier_distance)
         batch = embed_identity(face_analyzer, image, face_index=face_index, average=average, outlier_distance=threshold)
         for face in batch.faces:
-            logger.info("Face Embed: image %d: face %d of %d, box %s, score %.3f", face.image_index, face.face_index,
+            logger.info("Face Embed: image %d: face %d of %d, box %s, score %.3f", face.image_index + 1, face.face_index,
                         face.faces_found, [round(float(v)) for v in face.box], face.det_score)
         if batch.average is not None and batch.average.rejected:
             logger.warning("Face Embed: left out images %s of the average (cosine distances to the mean %s > %s)",
-                           batch.average.rejected,
+                           [i + 1 for i in batch.average.rejected],
                            [round(float(batch.average.distances[i]), 3) for i in batch.average.rejected], threshold)
         return io.NodeOutput(batch.embeddings.detach().to("cpu", torch.float32).contiguous(), batch.crops)
 
@@ -293,7 +296,7 @@ class Arc2FaceIDConditioning(io.ComfyNode):
                         "identity in place of the id token (positive), and the empty prompt (negative). For KSampler or "
                         "SamplerCustom with the Arc2Face UNet; Arc2Face's defaults are DPM++ 2M, 25 steps, CFG 3, 512x512.",
             inputs=[
-                Arc2FaceIDEncoderType.Input("id_encoder"),
+                Arc2FaceIDEncoderType.Input("id_encoder", tooltip="From Load Arc2Face ID Encoder"),
                 ArcFaceEmbeddingType.Input("embeddings", tooltip="One row per image of the latent batch, or one row for all"),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],

@@ -28,3 +28,24 @@ def register_model_folders() -> None:
             folder_paths.folder_names_and_paths[name] = (paths, set(known) | extensions)
         else:
             folder_paths.folder_names_and_paths[name] = ([default_path], extensions)
+
+
+def model_choices(folder: str, default: str, keep=None) -> list[str]:
+    """The files of a model folder (those ``keep(full_path)`` accepts, when given); the expected file name when
+    there is none, so that the loader's error can say where to get it and where to put it."""
+    names = folder_paths.get_filename_list(folder)
+    if keep is not None:
+        paths = {name: folder_paths.get_full_path(folder, name) for name in names}
+        names = [name for name in names if paths[name] is not None and keep(paths[name])]
+    return names or [default]
+
+
+def model_file(folder: str, name: str, source: str) -> str:
+    """Full path of ``name`` in the registered ``folder``; else an error naming the folders, the file and the source."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        searched = ", ".join(folder_paths.get_folder_paths(folder)) or f"ComfyUI/models/{folder}"
+        where = os.path.join(folder_paths.get_folder_paths(folder)[0], name) if folder_paths.get_folder_paths(folder) else name
+        raise FileNotFoundError(f"model file '{name}' not found in the '{folder}' model folder ({searched}). "
+                                f"Download it from {source} and save it as {where}.")
+    return path

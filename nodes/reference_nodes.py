@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..adapters.checkpoints import REFERENCE_LORA_FILE, adapter_file_kind
 from ..adapters.lora import ReferenceLora
 from ..encoders.face_align import aligned_portraits
+from .model_folders import model_choices, model_file
 from .reference_patch import apply_reference_adapter
 from .types import FaceAnalyzerType, ReferenceAdapterType
+from .validation import check_numbers
 
 CATEGORY = "expression_adapters"
+REFERENCE_LORA_NAME = "ref_adapter/pytorch_lora_weights.safetensors"
+REFERENCE_LORA_SOURCE = ("hub repo FoivosPar/Arc2Face, file ref_adapter/pytorch_lora_weights.safetensors "
+                         "(https://huggingface.co/FoivosPar/Arc2Face)")
 REFERENCE_SIZE = 512  # the Reference UNet sees the aligned face at Arc2Face's training resolution
 
 
@@ -36,13 +41,16 @@ class LoadReferenceAdapter(io.ComfyNode):
             category=f"{CATEGORY}/loaders",
             description="Loads the Reference Adapter LoRA (ref_adapter/pytorch_lora_weights.safetensors as published) "
                         "from ComfyUI/models/expression_adapters.",
-            inputs=[io.Combo.Input("lora_name", options=folder_paths.get_filename_list("expression_adapters"))],
+            inputs=[io.Combo.Input("lora_name", options=model_choices("expression_adapters", REFERENCE_LORA_NAME,
+                                                                      lambda path: adapter_file_kind(path) == REFERENCE_LORA_FILE),
+                                   tooltip="File in ComfyUI/models/expression_adapters "
+                                           "(ref_adapter/pytorch_lora_weights.safetensors as published)")],
             outputs=[ReferenceAdapterType.Output(display_name="reference_adapter")],
         )
 
     @classmethod
     def execute(cls, lora_name):
-        return io.NodeOutput(ReferenceLora.from_file(folder_paths.get_full_path_or_raise("expression_adapters", lora_name)))
+        return io.NodeOutput(ReferenceLora.from_file(model_file("expression_adapters", lora_name, REFERENCE_LORA_SOURCE)))
 
 
 class ApplyReferenceAdapter(io.ComfyNode):
@@ -59,9 +67,9 @@ class ApplyReferenceAdapter(io.ComfyNode):
                         "Composes with Apply Expression Adapter in either order, and stacks with other packs' "
                         "self-attention replaces (they still run for every row).",
             inputs=[
-                io.Model.Input("model"),
-                ReferenceAdapterType.Input("reference_adapter"),
-                io.Vae.Input("vae"),
+                io.Model.Input("model", tooltip="The Arc2Face UNet (Load Diffusion Model), possibly already patched"),
+                ReferenceAdapterType.Input("reference_adapter", tooltip="From Load Reference Adapter"),
+                io.Vae.Input("vae", tooltip="The SD1.5 VAE: encodes the reference photo for the Reference UNet"),
                 io.Image.Input("reference_image", tooltip="One reference, or one per output image"),
                 io.Conditioning.Input("id_conditioning", tooltip="The positive output of Arc2Face ID Conditioning "
                                       "(one entry: a combined conditioning is refused)"),
@@ -76,6 +84,7 @@ class ApplyReferenceAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, reference_adapter, vae, reference_image, id_conditioning, lora_strength, face_analyzer=None):
+        check_numbers(cls, lora_strength=lora_strength)
         import comfy.utils
 
         context = single_conditioning(id_conditioning)

@@ -18,11 +18,29 @@ class Server:
     fewer bytes than their Content-Length promises."""
 
     def __init__(self, root: Path):
-        self.requests: list[str] = []
+        self.requests: list[str] = []  # GET requests (file transfers)
+        self.heads: list[str] = []  # HEAD requests (huggingface_hub's metadata look-ups)
+        self.authorizations: list[str | None] = []  # the Authorization header of each HEAD request
         self.broken: set[str] = set()
         server = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
+            def end_headers(self):
+                # What a Hub answers besides the file, and huggingface_hub requires: the commit and an ETag.
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("ETag", f'"{abs(hash(self.path)):x}"')
+                super().end_headers()
+
+            def do_HEAD(self):
+                server.heads.append(self.path)
+                server.authorizations.append(self.headers.get("Authorization"))
+                if self.path in server.broken:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    return
+                super().do_HEAD()
+
             def do_GET(self):
                 server.requests.append(self.path)
                 if self.path in server.broken:

@@ -181,7 +181,7 @@ def test_bad_embeddings_are_errors(encoder):
     rows = torch.randn(3, 24)
     rows[1, 0] = float("nan")
     rows[2] = 0
-    with pytest.raises(ValueError, match=r"batch rows \[1, 2\] are zero or not finite"):
+    with pytest.raises(ValueError, match=r"zero or not finite in batch rows 2, 3 \(counting from 1\)"):
         encoder.encode(rows)
 
 

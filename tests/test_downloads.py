@@ -10,6 +10,7 @@ import pytest
 from encoders.downloads import (
     ARC2FACE_REPO,
     FILE_GROUPS,
+    STAGING,
     MissingModelFiles,
     RemoteFile,
     destination,
@@ -120,3 +121,60 @@ def test_command_line_check(tmp_path, capsys):
     assert main(["arc2face_expression", "--models-dir", str(tmp_path), "--check"]) == 1
     err = capsys.readouterr().err
     assert "2 model file(s) missing" in err and str(tmp_path / "expression_adapters" / "ref_adapter" / "pytorch_lora_weights.safetensors") in err
+
+
+def test_hub_files_come_through_huggingface_hub_with_the_token_and_leave_no_staging(tmp_path, monkeypatch):
+    contents = {"exp_adapter/exp_adapter.bin": b"adapter" * 100}
+    with Server(hub_tree(tmp_path / "hub", contents)) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token_for_a_gated_repo")
+        models = tmp_path / "models"
+        [path] = ensure_files([FILE_GROUPS["arc2face_expression"][0]], models, download=True)
+        assert path.read_bytes() == contents["exp_adapter/exp_adapter.bin"]
+        assert server.heads == [f"/{ARC2FACE_REPO}/resolve/main/exp_adapter/exp_adapter.bin"]  # huggingface_hub's metadata call
+        assert server.authorizations == ["Bearer hf_test_token_for_a_gated_repo"]
+        assert not (path.parent / STAGING).exists()
+
+
+def test_a_truncated_hub_transfer_leaves_no_file_at_the_destination(tmp_path, monkeypatch, caplog):
+    with Server(hub_tree(tmp_path / "hub", {"exp_adapter/exp_adapter.bin": b"x" * 1000})) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        server.broken.add(f"/{ARC2FACE_REPO}/resolve/main/exp_adapter/exp_adapter.bin")
+        models = tmp_path / "models"
+        with pytest.raises(MissingModelFiles, match=r"Could not download .*exp_adapter.bin"):
+            ensure_files([FILE_GROUPS["arc2face_expression"][0]], models, download=True)
+        destination_file = models / "expression_adapters" / "exp_adapter.bin"
+        assert not destination_file.exists()
+        # nothing under the staging folder has the file's name: no loader can take a part for the file
+        assert [p for p in destination_file.parent.rglob("exp_adapter.bin") if p.is_file()] == []
+        assert "Trying to resume download" in caplog.text  # huggingface_hub resumed from what it had
+
+
+def test_other_hosts_files_are_checked_for_size_and_sha256(tmp_path):
+    import hashlib
+
+    good = tmp_path / "face_landmarker.task"
+    good.write_bytes(b"task bundle")
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    models = tmp_path / "models"
+    entry = RemoteFile("mediapipe", "face_landmarker.task", url=good.as_uri(), size=11, sha256=digest)
+    wrong_hash = RemoteFile("mediapipe", "face_landmarker.task", url=good.as_uri(), size=11, sha256="0" * 64)
+    with pytest.raises(MissingModelFiles, match=r"sha256 .* differs from the published file's 0000"):
+        ensure_files([wrong_hash], models, download=True, progress=False)
+    assert list(models.rglob("*")) == [models / "mediapipe"]  # nothing left, not even the .part
+    wrong_size = RemoteFile("mediapipe", "face_landmarker.task", url=good.as_uri(), size=12)
+    with pytest.raises(MissingModelFiles, match=r"got 11 bytes where the published file has 12"):
+        ensure_files([wrong_size], models, download=True, progress=False)
+
+    [path] = ensure_files([entry], models, download=True, progress=False)
+    assert path.read_bytes() == b"task bundle"
+    path.write_bytes(b"task")  # a partial copy made by hand is not taken for the finished file
+    with pytest.raises(MissingModelFiles):
+        ensure_files([entry], models)
+    assert ensure_files([entry], models, download=True, progress=False) == [path] and path.read_bytes() == b"task bundle"
+
+
+def test_the_published_mediapipe_model_is_pinned_by_size_and_hash():
+    [_, mediapipe] = FILE_GROUPS["smirk"]
+    assert "/float16/1/" in mediapipe.url and mediapipe.size == 3758596
+    assert mediapipe.sha256 == "64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0bc9ff"  # as in DESIGN.md

@@ -54,7 +54,7 @@ def test_shape_and_finite_validation(cls):
         cls(torch.zeros(0, *cls.row_shape))
     bad = value.values.clone()
     bad[1].view(-1)[3] = float("nan")
-    with pytest.raises(ValueError, match=r"NaN or infinite values in batch rows \[1\]"):
+    with pytest.raises(ValueError, match=r"NaN or infinite values in batch row 2 \(counting from 1\)"):
         cls(bad)
     # a single row without batch dimension is accepted
     assert len(cls(value.values[0])) == 1
@@ -67,7 +67,7 @@ def test_json_round_trip_and_kind_check(cls):
     assert torch.equal(back.values, value.values)
     assert type(value_from_json(value.to_json())) is cls
     other = FlameExpression if cls is not FlameExpression else Emotion
-    with pytest.raises(ValueError, match=f"expected a {other.kind} preset"):
+    with pytest.raises(ValueError, match=f"{other.kind}: got a preset of kind '{cls.kind}'. Expected a JSON list"):
         other.from_json(value.to_json())
     wrong_length = json.dumps({"kind": cls.kind, "values": [[0.0] * 5]})
     with pytest.raises(ValueError, match="must have shape"):

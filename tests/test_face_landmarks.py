@@ -107,7 +107,7 @@ def test_detect_batch(tmp_path, monkeypatch):
 
 def test_no_face_error_names_batch_index(tmp_path, monkeypatch):
     landmarker = _landmarker(tmp_path, monkeypatch, empty=[1])
-    with pytest.raises(ValueError, match="no face found in image 1 of the batch"):
+    with pytest.raises(ValueError, match=r"no face found in image 2 of the batch \(counting from 1\)"):
         landmarker.detect(torch.rand(3, 40, 60, 3))
     landmarker = _landmarker(tmp_path, monkeypatch, empty=[0, 2])
     result = landmarker.detect(torch.rand(3, 40, 60, 3), on_missing="previous")

@@ -109,7 +109,7 @@ def test_faces_are_ordered_by_box_area(recognizer_only, t1):
         embeddings.append(result.embedding)
     assert len({e.tobytes() for e in embeddings}) == 3
     assert [d.area for d in sort_by_area(given(boxes, kps)[0])] == sorted(areas.tolist(), reverse=True)
-    with pytest.raises(FaceNotFoundError, match=r"Image 0: face_index 3 .* 3 face\(s\).*largest first"):
+    with pytest.raises(FaceNotFoundError, match=r"Image 1: face_index 3 .* 3 face\(s\).*largest first"):
         analyzer.analyze(rgb, face_index=3, detections=given(boxes, kps))
 
 
@@ -135,8 +135,8 @@ def test_no_face_error_names_image_and_detection_size(models, t1):
     rgb, _, _ = t1
     analyzer = FaceAnalyzer.from_folder(folder, det_size=DET_SIZE, provider="cpu")
     blank = np.zeros_like(rgb)
-    # the stand-in detector "finds" the t1 faces on any picture, so image 1 is given no detections
-    with pytest.raises(FaceNotFoundError, match=r"No face found in image 1 of 2 \(no detections"):
+    # the stand-in detector "finds" the t1 faces on any picture, so image 2 is given no detections
+    with pytest.raises(FaceNotFoundError, match=r"No face found in image 2 of 2 \(no detections"):
         analyzer.analyze([rgb, blank], detections=[[Detection([0, 0, 10, 10], np.zeros((5, 2)))], []])
     # a detector that finds nothing: the real detection path reports the size it ran at
     empty = folder.parent / "empty_detector"
@@ -145,7 +145,7 @@ def test_no_face_error_names_image_and_detection_size(models, t1):
     if not (empty / "arcface.onnx").exists():
         os.link(folder / "arcface.onnx", empty / "arcface.onnx")
     nothing = FaceAnalyzer.from_folder(empty, provider="cpu")
-    with pytest.raises(FaceNotFoundError, match=r"No face found in image 0 of 1 \(detection size 640x640"):
+    with pytest.raises(FaceNotFoundError, match=r"No face found in image 1 of 1 \(detection size 640x640"):
         nothing.analyze(rgb)
 
 
@@ -178,7 +178,7 @@ def test_image_conversion_rules():
     np.testing.assert_array_equal(to_uint8_rgb(np.array([[0, 257, 65535]], np.uint16))[0, :, 0], [0, 1, 255])
     np.testing.assert_array_equal(to_uint8_rgb(np.array([[[10, 200]]], np.uint8)), [[[10, 10, 10]]])
     assert to_uint8_rgb(np.zeros((4, 5), bool)).shape == (4, 5, 3)
-    with pytest.raises(ValueError, match="image 1 has NaN"):
+    with pytest.raises(ValueError, match="image 2 has NaN"):
         to_bgr_uint8_list([np.zeros((2, 2, 3)), np.full((2, 2, 3), np.nan)])
     with pytest.raises(ValueError, match="5 channels"):
         to_uint8_rgb(np.zeros((2, 2, 5)))
@@ -249,7 +249,7 @@ def test_non_finite_embedding_is_an_error(tmp_path, t1):
     rgb, boxes, kps = t1
     export_recognizer(tmp_path / "arcface.onnx", nan=True)
     analyzer = FaceAnalyzer(tmp_path / "arcface.onnx", provider="cpu")
-    with pytest.raises(ValueError, match=r"non-finite embedding for image 0"):
+    with pytest.raises(ValueError, match=r"non-finite embedding for image 1"):
         analyzer.analyze(rgb, detections=given(boxes, kps))
 
 

@@ -1,9 +1,9 @@
 """Run a shipped workflow headless through ComfyUI's own executor.
 
-    python workflows/run.py workflows/expression_adapter_api.json --comfyui ~/ComfyUI \
+    python workflows/run.py workflows/api/arc2face_expression.json --comfyui ~/ComfyUI \
         --seed 42 --strength 0.8 --set 4.json_values="[0.5, ...]" --image 12=face.png
 
-The workflow must be in ComfyUI's API format (``*_api.json``). Overrides:
+The workflow must be in ComfyUI's API format (the shipped ones are ``workflows/api/*.json``). Overrides:
   --set NODE.INPUT=VALUE   any input of any node (VALUE parsed as JSON when it can be)
   --seed N                 every ``seed`` / ``noise_seed`` input
   --strength X             every ``strength`` input of an Expression Adapters node
@@ -182,7 +182,7 @@ def saved_images(outputs: dict) -> list[Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("workflow", type=Path, help="an API-format workflow JSON (workflows/*_api.json)")
+    parser.add_argument("workflow", type=Path, help="an API-format workflow JSON (workflows/api/*.json)")
     parser.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or ~/ComfyUI)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE")
     parser.add_argument("--image", dest="images", action="append", default=[], metavar="NODE=PATH")
