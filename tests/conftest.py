@@ -95,6 +95,19 @@ def mediapipe_task():
 
 
 @pytest.fixture(scope="session")
+def real_faces(mediapipe_task):
+    """Two frontal t1.jpg faces (256x256 crops) with the landmarks and blendshapes the real MediaPipe model
+    finds on them, and the test data's reference mesh in the crops' pixels (see ``real_faces``)."""
+    from onnx_face_models import TESTDATA
+    from real_faces import detect_t1_faces
+
+    detected = detect_t1_faces(mediapipe_task)
+    if detected is None:
+        pytest.skip(f"test data {TESTDATA / 't1_faces.npz'} not found")
+    return detected
+
+
+@pytest.fixture(scope="session")
 def t1():
     """insightface's t1.jpg (RGB uint8) with the boxes and 5 keypoints of three of its faces (shared test data)."""
     from onnx_face_models import TESTDATA, load_t1

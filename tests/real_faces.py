@@ -3,6 +3,8 @@ of the shared test data (``../shared/testdata/t1_faces.npz``: dlib boxes, MediaP
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -27,12 +29,15 @@ def t1_faces() -> dict[str, np.ndarray] | None:
     return data
 
 
-def square_around(box, scale: float = 2.0) -> tuple[int, int, int, int]:
-    """A square ``scale`` times the box's larger side, centred on it (pixel bounds x0, y0, x1, y1)."""
+def square_around(box, picture: np.ndarray, scale: float = 2.0) -> tuple[int, int, int, int]:
+    """A square ``scale`` times the box's larger side, centred on it, clipped to the picture
+    (pixel bounds x0, y0, x1, y1)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     half = max(x1 - x0, y1 - y0) * scale / 2
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return int(round(cx - half)), int(round(cy - half)), int(round(cx + half)), int(round(cy + half))
+    height, width = picture.shape[:2]
+    return (max(0, int(round(cx - half))), max(0, int(round(cy - half))),
+            min(width, int(round(cx + half))), min(height, int(round(cy + half))))
 
 
 def crop(rgb: np.ndarray, bounds) -> np.ndarray:
@@ -50,3 +55,33 @@ def arcface_template() -> np.ndarray:
     from insightface.utils import face_align
 
     return np.asarray(face_align.arcface_dst, dtype=np.float32)
+
+
+class DetectedFaces(NamedTuple):
+    """Face pictures with what the real MediaPipe model found on them, and the test data's reference mesh."""
+
+    images: torch.Tensor  # B x S x S x 3, 0..1
+    result: object  # encoders.face_landmarks.FaceLandmarkerResult
+    reference_px: np.ndarray  # B x 478 x 2, the test data's points in these pictures' pixels
+
+
+def detect_t1_faces(task_path, faces=(0, 1), size: int = 256) -> DetectedFaces | None:
+    """Frontal t1.jpg faces (the test data's first two; the third is in profile), each cropped 2x around its
+    box and resized to ``size``, run through the real model. None where the test data is absent."""
+    import cv2
+
+    from encoders.face_landmarks import FaceLandmarker
+
+    data = t1_faces()
+    if data is None:
+        return None
+    t1 = read_rgb("t1.jpg")
+    pictures, references = [], []
+    for index in faces:
+        x0, y0, x1, y1 = square_around(data["boxes"][index], t1)
+        pictures.append(cv2.resize(crop(t1, (x0, y0, x1, y1)), (size, size), interpolation=cv2.INTER_AREA))
+        references.append((data["mesh_px"][index] - [x0, y0]) * [size / (x1 - x0), size / (y1 - y0)])
+    images = as_image(*pictures)
+    with FaceLandmarker(task_path) as landmarker:
+        result = landmarker.detect(images)
+    return DetectedFaces(images, result, np.stack(references).astype(np.float32))

@@ -61,7 +61,8 @@ def lib(comfy):
 @pytest.fixture(scope="module")
 def t1(lib):
     """insightface's t1.jpg as a 1-image IMAGE batch, and the Landmarks of three of its faces."""
-    cv2 = pytest.importorskip("cv2")
+    import cv2
+
     spec = importlib.util.find_spec("insightface")
     picture = (Path(list(spec.submodule_search_locations)[0]) / "data" / "images" / "t1.jpg"
                if spec is not None and spec.submodule_search_locations else None)
@@ -77,7 +78,6 @@ def t1(lib):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, lib):
     """smirk/SMIRK_em1.pt and emotion/emonet_8.pth in the published layouts, random weights."""
-    pytest.importorskip("timm")
     root = tmp_path_factory.mktemp("expression_models")
     torch.manual_seed(0)
     smirk = lib.smirk.SmirkExpressionEncoder()

@@ -104,7 +104,7 @@ def pixel_errors(landmarks: Landmarks, row: int, expected_px: np.ndarray) -> np.
 def test_real_model_on_t1_face_crops_agrees_with_the_test_data_mesh(landmarker, faces):
     t1 = read_rgb("t1.jpg")
     for index, box in enumerate(faces["boxes"]):
-        bounds = square_around(box)
+        bounds = square_around(box, t1)
         result = landmarker.detect(as_image(crop(t1, bounds)))
         assert result.found == [True]
         errors = pixel_errors(result.landmarks, 0, faces["mesh_px"][index] - np.array(bounds[:2]))
@@ -114,7 +114,7 @@ def test_real_model_on_t1_face_crops_agrees_with_the_test_data_mesh(landmarker, 
 
 def test_real_blendshapes_are_mediapipes_categories_in_order_and_in_range(landmarker, mediapipe_task, faces):
     t1 = read_rgb("t1.jpg")
-    picture = crop(t1, square_around(faces["boxes"][0]))
+    picture = crop(t1, square_around(faces["boxes"][0], t1))
     ours = landmarker.detect(as_image(picture)).blendshapes.values[0]
     # MediaPipe's own task, called directly: its category names and scores are the reference
     vision = mp.tasks.vision
@@ -143,7 +143,7 @@ def test_real_model_on_an_arcface_aligned_photo(landmarker):
 
 def test_batches_name_the_image_without_a_face_or_reuse_the_previous_one(landmarker, faces):
     t1 = read_rgb("t1.jpg")
-    face = crop(t1, square_around(faces["boxes"][1]))
+    face = crop(t1, square_around(faces["boxes"][1], t1))
     batch = as_image(face, np.zeros_like(face), face)
     with pytest.raises(ValueError, match=r"no face found in image 1 of the batch"):
         landmarker.detect(batch)
@@ -197,7 +197,7 @@ def test_video_mode_follows_a_face_that_moves_and_grows(landmarker, faces):
     import cv2
 
     t1 = read_rgb("t1.jpg")
-    bounds = square_around(faces["boxes"][0])
+    bounds = square_around(faces["boxes"][0], t1)
     first = crop(t1, bounds)
     side = first.shape[1]
     maps = []

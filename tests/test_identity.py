@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import cv2
+import insightface
 import numpy as np
 import pytest
 import torch
@@ -33,10 +35,7 @@ from onnx_face_models import (
     insightface_images,
 )
 
-insightface = pytest.importorskip("insightface")
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
-pytest.importorskip("onnxruntime")
-cv2 = pytest.importorskip("cv2")
 
 IMAGES = insightface_images()
 

@@ -34,8 +34,6 @@ from onnx_face_models import (
 from workflows import run
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")]
-pytest.importorskip("insightface")
-pytest.importorskip("onnxruntime")
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 UNET_NAME = UNET_FILE.removeprefix("diffusion_models/")  # the name in the UNETLoader list

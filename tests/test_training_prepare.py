@@ -21,8 +21,6 @@ from training.prepare import main as prepare
 from training.shards import load_index, read_member
 from training_helpers import PreparedModels, write_clip, write_pictures
 
-pytest.importorskip("insightface")
-pytest.importorskip("timm")
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
 
