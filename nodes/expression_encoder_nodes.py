@@ -13,7 +13,12 @@ from comfy_api.latest import io
 
 from ..encoders.emotion import EMONET_CROP_SCALE, load_emonet, predict_emotion
 from ..encoders.face_crops import emojidiff_local_image
-from ..encoders.face_landmarks import FACE_LANDMARKER_FILE, FaceLandmarker, face_landmarker_path
+from ..encoders.face_landmarks import (
+    FACE_LANDMARKER_FILE,
+    FaceLandmarker,
+    analyzer_face_boxes,
+    face_landmarker_path,
+)
 from ..encoders.face_mesh import REGIONS
 from ..encoders.landmark_image import PALETTES, render_landmark_image
 from ..encoders.previews import landmarks_overlay
@@ -24,6 +29,7 @@ from .types import (
     ArkitBlendshapesType,
     EmoNetType,
     EmotionType,
+    FaceAnalyzerType,
     FaceLandmarkerType,
     FaceLandmarksType,
     FlameExpressionType,
@@ -96,8 +102,10 @@ class FaceLandmarksNode(io.ComfyNode):
             display_name="Face Landmarks (MediaPipe)",
             category=f"{CATEGORY}/expression/extract",
             description="MediaPipe face mesh (478 points) and ARKit blendshapes of one face per image. "
-                        "An image without a face stops with an error naming its batch index (or, for video, "
-                        "can reuse the previous frame's face).",
+                        "MediaPipe's detector misses small faces (group photos): with a face analyzer connected, "
+                        "such images are retried on a crop around the face it finds. An image without a face "
+                        "stops with an error naming its batch index (or, for video, can reuse the previous "
+                        "frame's face).",
             inputs=[
                 io.Image.Input("image", tooltip="A photo or a batch (video frames)"),
                 FaceLandmarkerType.Input("face_landmarker", tooltip="From Load MediaPipe Face Landmarker"),
@@ -110,6 +118,10 @@ class FaceLandmarksNode(io.ComfyNode):
                                tooltip="Frame rate of the batch in video mode (frame timestamps)"),
                 io.Combo.Input("on_missing", options=["error", "previous"], default="error",
                                tooltip="A frame without a face: error, or reuse the nearest earlier frame with one"),
+                FaceAnalyzerType.Input("face_analyzer", optional=True,
+                                       tooltip="Load InsightFace's detector: where MediaPipe finds no face in the whole "
+                                               "picture (small faces), retry on a crop around the face_index-th face "
+                                               "it finds (largest first)"),
             ],
             outputs=[
                 FaceLandmarksType.Output(display_name="landmarks"),
@@ -119,10 +131,11 @@ class FaceLandmarksNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, face_landmarker, face_index, running_mode, fps, on_missing):
+    def execute(cls, image, face_landmarker, face_index, running_mode, fps, on_missing, face_analyzer=None):
         check_numbers(cls, face_index=face_index, fps=fps)
+        face_boxes = analyzer_face_boxes(face_analyzer) if face_analyzer is not None else None
         result = face_landmarker.detect(image, face_index=face_index, running_mode=running_mode, fps=fps,
-                                        on_missing=on_missing)
+                                        on_missing=on_missing, face_boxes=face_boxes)
         return io.NodeOutput(result.landmarks, result.blendshapes, landmarks_overlay(image, result.landmarks))
 
 

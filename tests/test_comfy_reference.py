@@ -79,15 +79,17 @@ def test_lora_maps_to_native_weights_and_unpatch_restores_them(comfy):
     from comfy.model_management import load_models_gpu
 
     hosts = Hosts("SD1.5", batch=1)
-    patched, _, _, _, lora = make_reference(comfy, hosts, strength=0.5)
+    patched, *_ = make_reference(comfy, hosts, strength=0.5)
     diffusion_model = hosts.model.model.diffusion_model
     natives = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
                "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0": "middle_block.1.transformer_blocks.0.attn1.to_out.0",
                "up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_v": "output_blocks.11.1.transformer_blocks.0.attn1.to_v"}
     original = {n: diffusion_model.get_submodule(n).weight.detach().clone() for n in natives.values()}
     load_models_gpu([patched])
+    published = random_reference_lora_state()  # the file's tensors: rank 4, no alpha, so the delta is up @ down
     for module, native in natives.items():
-        expected = original[native] + 0.5 * lora.modules[module].delta()
+        delta = published[f"unet.{module}.lora.up.weight"] @ published[f"unet.{module}.lora.down.weight"]
+        expected = original[native] + 0.5 * delta
         torch.testing.assert_close(diffusion_model.get_submodule(native).weight, expected, atol=1e-6, rtol=1e-5)
     patched.unpatch_model()
     for native in natives.values():

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from mediapipe.tasks.python.vision import face_landmarker
 
 from encoders.expressions import (
     ARKIT_BLENDSHAPE_NAMES,
@@ -34,7 +35,6 @@ ALL = [FlameExpression, ArkitBlendshapes, Landmarks, Emotion]
 def test_arkit_names_follow_mediapipe():
     assert len(ARKIT_BLENDSHAPE_NAMES) == 52 and ARKIT_BLENDSHAPE_NAMES[0] == "_neutral"
     assert len(set(ARKIT_BLENDSHAPE_NAMES)) == 52
-    face_landmarker = pytest.importorskip("mediapipe.tasks.python.vision.face_landmarker")
 
     def camel(name):
         parts = name.lower().split("_")

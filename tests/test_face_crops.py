@@ -20,8 +20,6 @@ from encoders.face_crops import (
 )
 from synthetic_faces import CHEEK, LAYOUT, synthetic_face
 
-pytest.importorskip("cv2")
-
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 
 
@@ -145,3 +143,25 @@ def test_local_mask_on_real_faces():
         assert at(234) == 0 and at(454) == 0 and at(152) == 0 and at(10) == 0  # face contour
     local = emojidiff_local_image(image, Landmarks(torch.from_numpy(faces).float()))
     assert local.images.shape == (3, 224, 224, 3) and local.images.std() > 0.05
+
+
+def test_local_image_on_real_landmarks_from_the_real_model(real_faces):
+    """Mask from the real MediaPipe model's landmarks; the checked points from the test data's mesh of the
+    same faces (an independent MediaPipe run): inner parts kept, cheeks and the face contour removed."""
+    local = emojidiff_local_image(real_faces.images, real_faces.result.landmarks, fill=1.0)
+    assert local.images.shape == (2, 224, 224, 3) and local.full_masks.shape == real_faces.images.shape[:3]
+    for face in range(2):
+        mask, points = local.full_masks[face], real_faces.reference_px[face]
+
+        def at(index, mask=mask, points=points):
+            x, y = np.round(points[index]).astype(int)
+            return float(mask[y, x])
+
+        assert at(468) == 1 and at(473) == 1 and at(1) == 1 and at(13) == 1  # irises, nose tip, between the lips
+        assert at(50) == 0 and at(280) == 0  # cheeks
+        assert at(234) == 0 and at(454) == 0 and at(152) == 0 and at(10) == 0  # face contour
+    # what the mask keeps is the picture itself; the rest is the fill colour
+    kept, removed = local.masks > 0.999, local.masks < 0.001
+    assert kept.float().mean() > 0.1 and removed.float().mean() > 0.1
+    assert torch.allclose(local.images[removed], torch.ones(1), atol=2e-3)
+    assert local.images[kept].std() > 0.05  # real face content, not a flat colour

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import cv2
+import insightface
 import numpy as np
 import pytest
 import torch
@@ -33,10 +35,7 @@ from onnx_face_models import (
     insightface_images,
 )
 
-insightface = pytest.importorskip("insightface")
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
-pytest.importorskip("onnxruntime")
-cv2 = pytest.importorskip("cv2")
 
 IMAGES = insightface_images()
 
@@ -113,7 +112,8 @@ def test_faces_are_ordered_by_box_area(recognizer_only, t1):
         analyzer.analyze(rgb, face_index=3, detections=given(boxes, kps))
 
 
-def test_real_detector_path_finds_the_faces_largest_first(models, recognizer_only, t1):
+def test_insightface_detection_path_on_the_stand_in_detector_orders_faces_largest_first(models, recognizer_only, t1):
+    """insightface's own SCRFD decoding on the stand-in detector's outputs (no SCRFD weights offline)."""
     folder, _ = models
     rgb, boxes, kps = t1
     analyzer = FaceAnalyzer.from_folder(folder, det_size=DET_SIZE, provider="cpu")
@@ -138,7 +138,7 @@ def test_no_face_error_names_image_and_detection_size(models, t1):
     # the stand-in detector "finds" the t1 faces on any picture, so image 2 is given no detections
     with pytest.raises(FaceNotFoundError, match=r"No face found in image 2 of 2 \(no detections"):
         analyzer.analyze([rgb, blank], detections=[[Detection([0, 0, 10, 10], np.zeros((5, 2)))], []])
-    # a detector that finds nothing: the real detection path reports the size it ran at
+    # a stand-in detector that finds nothing: the detection path reports the size it ran at
     empty = folder.parent / "empty_detector"
     empty.mkdir(exist_ok=True)
     export_detector(empty / DETECTOR_FILE, [], [], [], rgb.shape[:2])

@@ -1,7 +1,7 @@
 """Identity nodes inside a real ComfyUI: Load InsightFace, Face Embed (ArcFace), Load Arc2Face ID Encoder,
 Arc2Face ID Conditioning, and the two shipped ID workflows run headless.
 
-Models: a tiny ONNX recogniser and a stand-in SCRFD detector (``onnx_face_models``: it finds three
+Models: a tiny ONNX recogniser and a stand-in SCRFD detector (``onnx_face_models``: it reports the boxes of three
 real faces of insightface's t1.jpg, and nothing in an all-black picture) under
 ``insightface/models/antelopev2``; the full-size official-format Arc2Face encoder folder, UNet, VAE
 and Expression Adapter from ``official_files``. Nothing is downloaded: the download option runs
@@ -29,8 +29,6 @@ from onnx_face_models import (
 )
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")]
-pytest.importorskip("insightface")
-pytest.importorskip("onnxruntime")
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 UNET_NAME = UNET_FILE.removeprefix("diffusion_models/")  # the name in the UNETLoader list

@@ -9,12 +9,10 @@ from encoders.face_mesh import REGIONS, region_edges, region_points
 from encoders.landmark_image import PALETTES, canvas_points, render_landmark_image
 from synthetic_faces import LAYOUT, synthetic_face
 
-pytest.importorskip("cv2")
-
-
 
 def test_region_tables_match_mediapipe():
-    vision = pytest.importorskip("mediapipe.tasks.python.vision")
+    from mediapipe.tasks.python import vision
+
     from encoders.face_mesh import MEDIAPIPE_CONNECTION_NAMES
 
     for region in REGIONS:
@@ -80,8 +78,26 @@ def test_face_fit_centres_the_face():
 
 
 def test_mesh_option_draws_more():
-    pytest.importorskip("mediapipe")
     landmarks = Landmarks(synthetic_face())
     plain = render_landmark_image(landmarks, 128, 128)
     meshed = render_landmark_image(landmarks, 128, 128, mesh=True)
     assert (meshed.sum(dim=-1) > 0).sum() >= (plain.sum(dim=-1) > 0).sum()
+
+
+def test_real_landmarks_draw_each_region_where_the_reference_mesh_has_it(real_faces):
+    """Landmarks from the real MediaPipe model on two t1.jpg faces; the expected places from the test data's
+    mesh of the same faces (an independent MediaPipe run)."""
+    size = real_faces.images.shape[1]
+    drawn = render_landmark_image(real_faces.result.landmarks, size, size, fit="image")
+    assert drawn.shape == (2, size, size, 3)
+    pixels = (drawn * 255).round().to(torch.int64)
+    for face in range(2):
+        for region in REGIONS:
+            hit = (pixels[face] == torch.tensor(PALETTES["regions"][region])).all(dim=-1)
+            ys, xs = torch.nonzero(hit, as_tuple=True)
+            assert len(xs) > 5, (face, region)
+            reference = real_faces.reference_px[face, region_points(region)]
+            low, high = reference.min(axis=0), reference.max(axis=0)
+            tolerance = 6  # a few pixels between the two runs, plus the line's width
+            assert abs(xs.min().item() - low[0]) < tolerance and abs(xs.max().item() - high[0]) < tolerance, (face, region)
+            assert abs(ys.min().item() - low[1]) < tolerance and abs(ys.max().item() - high[1]) < tolerance, (face, region)

@@ -6,8 +6,6 @@ import torch
 from encoders.expressions import ArkitBlendshapes, Emotion, FlameExpression, Landmarks
 from encoders.previews import BACKGROUND, BAR, blendshape_chart, emotion_chart, flame_chart, landmarks_overlay
 
-pytest.importorskip("cv2")
-
 
 def _is_image_batch(images, batch):
     assert images.dim() == 4 and images.shape[0] == batch and images.shape[-1] == 3

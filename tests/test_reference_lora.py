@@ -13,10 +13,13 @@ def test_both_published_key_forms_read_the_same(tmp_path, form):
     state = random_reference_lora_state(form=form)
     write_safetensors(state, tmp_path / "pytorch_lora_weights.safetensors")
     lora = ReferenceLora.from_file(tmp_path / "pytorch_lora_weights.safetensors")
-    reference = ReferenceLora.from_state_dict(random_reference_lora_state(form="diffusers"))
-    assert len(lora.modules) == 64 and lora.rank == 4
-    for module, weights in reference.modules.items():
-        assert torch.equal(lora.modules[module].down, weights.down) and torch.equal(lora.modules[module].up, weights.up)
+    # the expected matrices are the file's own tensors, named as diffusers saves them
+    published = random_reference_lora_state(form="diffusers")
+    modules = {key.removeprefix("unet.").removesuffix(".lora.down.weight") for key in published if key.endswith(".lora.down.weight")}
+    assert set(lora.modules) == modules and len(modules) == 64 and lora.rank == 4
+    for module in modules:
+        assert torch.equal(lora.modules[module].down, published[f"unet.{module}.lora.down.weight"])
+        assert torch.equal(lora.modules[module].up, published[f"unet.{module}.lora.up.weight"])
         assert lora.modules[module].scale == 1.0  # alpha absent: alpha = rank
 
 

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("timm")
-
-from encoders.expressions import FlameExpression, Landmarks  # noqa: E402
-from encoders.face_crops import transform_points  # noqa: E402
-from encoders.smirk import (  # noqa: E402
+from encoders.expressions import FlameExpression, Landmarks
+from encoders.face_crops import smirk_crop, transform_points
+from encoders.smirk import (
     SMIRK_PREFIX,
     SmirkExpressionEncoder,
     encode_expression,
@@ -115,7 +113,8 @@ def test_channel_order():
 
 
 def test_runs_on_real_photo_with_given_landmarks(model):
-    cv2 = pytest.importorskip("cv2")
+    import cv2
+
     picture = _t1_picture()
     npz = TESTDATA / "t1_faces.npz"
     if not npz.is_file() or picture is None:
@@ -133,11 +132,43 @@ def test_runs_on_real_photo_with_given_landmarks(model):
     assert (values[:, 50:52] >= 0).all() and (values[:, 50:52] <= 1).all() and (values[:, 52] >= 0).all()
     assert values[:, 53:55].abs().max() <= 0.2 + 1e-6
     # the face sits in the middle of the crop, filling 1/1.4 of it
-    from encoders.face_crops import smirk_crop
-
     crop = smirk_crop(images, landmarks)
     points = transform_points(landmarks.pixels(), crop.matrix)
     centre = (points.amin(dim=1) + points.amax(dim=1)) / 2
     extent = (points.amax(dim=1) - points.amin(dim=1)).mean(dim=1)
     assert torch.allclose(centre, torch.full_like(centre, 111.5), atol=1.0)
     assert torch.allclose(extent, torch.full_like(extent, 223 / 1.4), rtol=0.02)
+
+
+def smirk_reference_crop(picture: np.ndarray, points_px: np.ndarray, scale: float = 1.4, size: int = 224) -> np.ndarray:
+    """SMIRK's demo preprocessing written with scikit-image, as SMIRK's own code does it: the landmarks' box,
+    a square of int(scale * mean(w, h)) around its centre, 3 corners mapped by a similarity transform
+    onto the crop's corner pixels, bilinear warp with black outside."""
+    from skimage.transform import estimate_transform, warp
+
+    left, right = points_px[:, 0].min(), points_px[:, 0].max()
+    top, bottom = points_px[:, 1].min(), points_px[:, 1].max()
+    side = int(scale * (right - left + bottom - top) / 2)
+    cx, cy = right - (right - left) / 2, bottom - (bottom - top) / 2
+    source = np.array([[cx - side / 2, cy - side / 2], [cx - side / 2, cy + side / 2], [cx + side / 2, cy - side / 2]])
+    target = np.array([[0, 0], [0, size - 1], [size - 1, 0]])
+    transform = estimate_transform("similarity", source, target)
+    return warp(picture, transform.inverse, output_shape=(size, size), order=1, mode="constant", cval=0.0,
+                preserve_range=True)
+
+
+def test_smirk_crop_on_real_landmarks_matches_smirks_own_preprocessing(model, real_faces):
+    """Landmarks from the real MediaPipe model; the expected crop from scikit-image (SMIRK's recipe)."""
+    landmarks = real_faces.result.landmarks
+    expression, crops = encode_expression(model, real_faces.images, landmarks, channel_order="RGB")
+    assert len(expression) == 2 and crops.shape == (2, 224, 224, 3)
+    for i in range(2):
+        points = landmarks.pixels()[i, :, :2].double().numpy()
+        expected = smirk_reference_crop(real_faces.images[i].double().numpy(), points)
+        np.testing.assert_allclose(crops[i].numpy(), expected, atol=1e-4)
+    # the test data's mesh of the same faces (an independent MediaPipe run) fills the middle 1/1.4 of the crop
+    crop = smirk_crop(real_faces.images, landmarks)
+    reference = transform_points(torch.from_numpy(real_faces.reference_px), crop.matrix)
+    centre = (reference.amin(dim=1) + reference.amax(dim=1)) / 2
+    extent = (reference.amax(dim=1) - reference.amin(dim=1)).mean(dim=1)
+    assert (centre - 111.5).abs().max() < 4 and (extent / (223 / 1.4) - 1).abs().max() < 0.05

@@ -19,8 +19,6 @@ from training.train import Trainer
 from training.train import main as train_main
 from training_helpers import PreparedModels, write_pictures
 
-pytest.importorskip("insightface")
-pytest.importorskip("timm")
 pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 SMOKE = "training/configs/smoke.yaml"
 
@@ -96,7 +94,8 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(shards, tmp_path):
     a = tmp_path / "a"
     assert sorted(p.name for p in (a / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
     assert [p.name for p in sorted((a / "checkpoints").iterdir())] == ["step-0000003", "step-0000006"]
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.backend.event_processing import event_accumulator
+
     events = event_accumulator.EventAccumulator(str(a / "logs"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [5]  # logging.every_steps is 5

@@ -180,3 +180,48 @@ def test_evaluation_set_columns_diversity_and_paper_table():
     assert "SMIRK" in table and "FaceNet" in table and "not computed here: Exp-RMSE, Pose-RMSE" in table
     emojidiff = paper_table("emojidiff", {"metrics": {"exp_mean": {"mean": 0.06}}})
     assert "| EmojiDiff (paper) | 0.666 | 4.995 | 0.054 | 0.215 |" in emojidiff and "| ours |  |  | 0.06 |  |" in emojidiff
+
+
+# --- on real landmarks and blendshapes from the real MediaPipe model -------------------------------------
+
+def moved_pictures(images):
+    """The same pictures 10% larger and shifted a little: the same faces with the same expressions."""
+    import cv2
+
+    matrix = np.float32([[1.1, 0, -12], [0, 1.1, -8]])
+    pictures = (images.numpy() * 255).round().astype(np.uint8)
+    return [cv2.warpAffine(p, matrix, p.shape[1::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+            for p in pictures]
+
+
+def test_exp_and_lms_on_real_faces_from_the_real_model(real_faces, mediapipe_task):
+    import mediapipe as mp
+
+    from encoders.expressions import ARKIT_BLENDSHAPE_NAMES
+
+    vision = mp.tasks.vision
+    options = vision.FaceLandmarkerOptions(base_options=mp.tasks.BaseOptions(model_asset_path=str(mediapipe_task)),
+                                           output_face_blendshapes=True, num_faces=1)
+    with vision.FaceLandmarker.create_from_options(options) as task:
+        raw = [task.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=picture))
+               for picture in moved_pictures(real_faces.images)]
+    moved_landmarks = np.array([[[p.x, p.y, p.z] for p in result.face_landmarks[0]] for result in raw])
+    moved_scores = [{c.category_name: c.score for c in result.face_blendshapes[0]} for result in raw]
+    original = real_faces.result.blendshapes.values.numpy()
+    exp = metrics.exp_score(original, np.array([[s[name] for name in ARKIT_BLENDSHAPE_NAMES] for s in moved_scores]))
+    # eq. 1 by hand, by category name, on MediaPipe's own output for the moved pictures
+    by_hand = [sum(abs(float(original[i, ARKIT_BLENDSHAPE_NAMES.index(name)]) - score) for name, score in s.items())
+               for i, s in enumerate(moved_scores)]
+    np.testing.assert_allclose(exp, by_hand, rtol=1e-6)
+    other_face = metrics.exp_score(original[0], original[1])[0]
+    assert exp.max() < 0.3 * other_face  # the same expression scores far below another person's
+
+    landmarks = real_faces.result.landmarks
+    lms = metrics.lms_score(landmarks.values.numpy(), moved_landmarks, landmarks.image_size, landmarks.image_size)
+    assert lms.max() < 0.18  # passes EmojiDiff's "same expression" filter (supplementary B.1)
+    # eq. 2 by hand on pixel coordinates (Landmarks.pixels) for the mouth of each face
+    pixels = landmarks.pixels().numpy()
+    mouth = [np.hypot(*(p[17, :2] - p[0, :2])) / np.hypot(*(p[291, :2] - p[61, :2])) for p in pixels]
+    np.testing.assert_allclose(metrics.lms_ratios(landmarks.values.numpy(), landmarks.image_size)["mouth"], mouth,
+                               rtol=1e-5)
+    assert min(mouth) > 0.2  # both t1 faces smile with open lips

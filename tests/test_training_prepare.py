@@ -21,8 +21,6 @@ from training.prepare import main as prepare
 from training.shards import load_index, read_member
 from training_helpers import PreparedModels, write_clip, write_pictures
 
-pytest.importorskip("insightface")
-pytest.importorskip("timm")
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
 
@@ -170,3 +168,34 @@ def test_a_sample_damaged_after_prepare_is_replaced_not_fatal(models, inputs, tm
     tar.write_bytes(bytes(data))
     dataset = ShardDataset(records, ("id", "flame"), resolution=64)
     assert dataset[0]["key"] == records[0]["samples"][1]["key"] and dataset.unreadable == 1
+
+
+def test_landmark_annotation_with_the_real_mediapipe_model(models, inputs, mediapipe_task, tmp_path):
+    """The faces come from the stand-in detector (the test data's t1.jpg boxes); MediaPipe is Google's real
+    model. Its landmarks on the aligned crop must match the test data's mesh of that face, mapped into the
+    crop by the stored crop matrix; SMIRK then crops around them."""
+    from onnx_face_models import TESTDATA
+
+    folder, pictures = inputs
+    resolution = 256
+    out = tmp_path / "shards"
+    summary = prepare(models.prepare_args(pictures[:1], out, "--landmarker", str(mediapipe_task), "--resolution",
+                                          str(resolution)))
+    assert summary["samples"] == 1 and not summary["skipped"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"landmarks.npy", "blendshapes.npy"} <= set(manifest["fields"])
+    [sample] = [ShardDataset(load_index(out), ("landmarks", "blendshapes", "flame"), load_image=False)[0]]
+    assert sample["meta"]["smirk_crop"] == "landmarks"
+    landmarks, blendshapes = sample["landmarks"].numpy(), sample["blendshapes"].numpy()
+    assert landmarks.shape == (478, 3) and blendshapes.shape == (52,)
+    assert 0.0 <= blendshapes.min() and blendshapes.max() <= 1.0 and blendshapes.max() > 0.3
+
+    faces = np.load(TESTDATA / "t1_faces.npz")
+    largest = int(np.argmax([(b[2] - b[0]) * (b[3] - b[1]) for b in faces["boxes"]]))  # face_index 0
+    height, width = 886, 1280  # t1.jpg
+    reference = faces["lm478"][largest, :, :2] * [width, height]
+    matrix = np.asarray(sample["meta"]["crop_matrix"])
+    expected = reference @ matrix[:, :2].T + matrix[:, 2]
+    errors = np.linalg.norm(landmarks[:, :2] * resolution - expected, axis=-1)
+    # a few pixels, as between the two runs on t1.jpg itself (the crop enlarges the face about 1.2x)
+    assert np.median(errors) < 5.0 and errors.mean() < 6.0, errors.mean()

@@ -21,9 +21,6 @@ from training.prepare import main as prepare
 from training.train import Trainer
 from training_helpers import PreparedModels, write_clip
 
-pytest.importorskip("insightface")
-pytest.importorskip("timm")
-pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 SMOKE = "training/configs/smoke.yaml"
 
