@@ -147,6 +147,15 @@ def split_faceid_lora(ip_adapter: Mapping[str, torch.Tensor], layout: UNetLayout
     return branch, lora
 
 
+class FaceIDLora:
+    """The LoRA a FaceID file carries, keyed by diffusers module name (the form hosts' LoRA helpers take)."""
+
+    kind = "IP-Adapter FaceID LoRA"
+
+    def __init__(self, modules: dict[str, LoraWeights]):
+        self.modules = modules
+
+
 class EAdapter(torch.nn.Module):
     """Both branches plus what the file says about them."""
 
@@ -166,10 +175,14 @@ class EAdapter(torch.nn.Module):
             raise ValueError(f"unknown expression layer set {self.expression_layers!r}; known: {', '.join(LAYER_SETS)}")
         self.id_recognizer = id_recognizer
         self.lora = dict(lora or {})
+        self.lora_file: str | None = None  # a separate FaceID LoRA file, for hosts that load LoRA files themselves
 
     @property
     def layout(self) -> UNetLayout:
         return self.identity.layout
+
+    def lora_weights(self) -> FaceIDLora:
+        return FaceIDLora(self.lora)
 
     @property
     def clip_vision(self) -> str:

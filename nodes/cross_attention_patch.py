@@ -74,8 +74,10 @@ class BranchTokens:
     dtype and batch layout, instead of at every step.
     """
 
-    def __init__(self, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, gate: SigmaGate):
+    def __init__(self, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, gate: SigmaGate,
+                 condition: str = "expression"):
         self.adapter = adapter
+        self.condition = condition  # what the rows are, for messages
         self.cond_tokens = cond_tokens.detach()
         self.uncond_tokens = uncond_tokens.detach()
         self.gate = gate
@@ -92,8 +94,8 @@ class BranchTokens:
         if cache_key not in self._cache:
             if len(self.cond_tokens) not in (1, chunk):
                 raise ValueError(
-                    f"the expression has {len(self.cond_tokens)} rows but the batch has {chunk} images: "
-                    "give one expression for the whole batch or one per image"
+                    f"the {self.condition} has {len(self.cond_tokens)} rows but the batch has {chunk} images: "
+                    f"give one {self.condition} for the whole batch or one per image"
                 )
             branch = self.adapter.branch(layer)
             with torch.no_grad():
@@ -129,11 +131,13 @@ class CrossAttentionBranchPatch:
 
 
 def apply_cross_attention_branch(model, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor,
-                                 strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0):
+                                 strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
+                                 condition: str = "expression"):
     """A clone of ``model`` with ``adapter``'s branch on each of its layers, stacked on existing replaces."""
     check_model_fits(adapter, model)
     patched = model.clone()
-    tokens = BranchTokens(adapter, cond_tokens, uncond_tokens, SigmaGate.from_percents(patched, strength, start_at, end_at))
+    tokens = BranchTokens(adapter, cond_tokens, uncond_tokens, SigmaGate.from_percents(patched, strength, start_at, end_at),
+                          condition)
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     for layer in adapter.layers:
         patch = CrossAttentionBranchPatch(tokens, layer, previous=existing.get(layer.comfy_key))
