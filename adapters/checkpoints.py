@@ -43,6 +43,17 @@ def read_checkpoint(path) -> Mapping:
     raise ValueError(f"{path}: unsupported weight file type; use .safetensors (preferred), .bin, .pt or .pth")
 
 
+def read_safetensors_metadata(path) -> dict[str, str]:
+    """The string metadata of a safetensors file (empty for other files)."""
+    path = os.fspath(path)
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """All tensors of a weight file, flat (nested dictionaries joined with dots), on the CPU."""
     return flatten(read_checkpoint(path))

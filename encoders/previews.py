@@ -180,3 +180,18 @@ def emotion_chart(emotion: Emotion, width: int = 512, height: int = 220) -> torc
         _text(canvas, f"V {float(row[0]):+.2f}  A {float(row[1]):+.2f}", cx - radius, height - 4, TEXT, 0.35)
         canvases.append(canvas)
     return _to_tensor(canvases)
+
+
+def score_table(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[float]]], width: int = 512,
+                row_height: int = 20) -> torch.Tensor:
+    """A small table of numbers (one IMAGE): a header row, then one labelled row per entry."""
+    canvas = np.full((row_height * (len(rows) + 1) + 8, width, 3), BACKGROUND, dtype=np.uint8)
+    column_width = width // (len(columns) + 1)
+    for j, name in enumerate(columns):
+        _text(canvas, name, (j + 1) * column_width + 4, row_height - 5, MUTED)
+    for i, (label, values) in enumerate(rows, start=1):
+        y = (i + 1) * row_height - 5
+        _text(canvas, label, 6, y, MUTED)
+        for j, value in enumerate(values):
+            _text(canvas, f"{value:.4f}", (j + 1) * column_width + 4, y)
+    return _to_tensor([canvas])

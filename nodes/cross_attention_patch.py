@@ -92,8 +92,10 @@ class BranchTokens:
     (:meth:`sampling_wrapper`, an ``OUTER_SAMPLE`` wrapper), so nothing stays on the GPU after it.
     """
 
-    def __init__(self, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, gate: SigmaGate):
+    def __init__(self, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, gate: SigmaGate,
+                 condition: str = "expression"):
         self.adapter = adapter
+        self.condition = condition  # what the rows are, for messages
         self.cond_tokens = cond_tokens.detach()
         self.uncond_tokens = uncond_tokens.detach()
         self.gate = gate
@@ -120,7 +122,7 @@ class BranchTokens:
         layout = RowLayout(query.shape[0], cond_or_uncond, frames)
         cache_key = (layer.comfy_key, query.device, query.dtype, layout.key)
         if cache_key not in self._cache:
-            cond_tokens = layout.per_image(self.cond_tokens, "the expression").to(query.device, query.dtype)
+            cond_tokens = layout.per_image(self.cond_tokens, f"the {self.condition}").to(query.device, query.dtype)
             branch = self.adapter.branch(layer)
             with torch.no_grad():
                 cond = branch.keys_values(cond_tokens)
@@ -151,13 +153,15 @@ class CrossAttentionBranchPatch:
 
 
 def apply_cross_attention_branch(model, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor,
-                                 strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0):
+                                 strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
+                                 condition: str = "expression"):
     """A clone of ``model`` with ``adapter``'s branch on each of its layers, stacked on existing replaces."""
     from comfy.patcher_extension import WrappersMP
 
     check_model_fits(adapter, model)
     patched = model.clone()
-    tokens = BranchTokens(adapter, cond_tokens, uncond_tokens, SigmaGate.from_percents(patched, strength, start_at, end_at))
+    tokens = BranchTokens(adapter, cond_tokens, uncond_tokens, SigmaGate.from_percents(patched, strength, start_at, end_at),
+                          condition)
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "expression_adapters.branch_tokens", tokens.sampling_wrapper)
     for layer in adapter.layers:

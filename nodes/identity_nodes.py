@@ -78,6 +78,47 @@ def _download_insightface_files(folder: Path) -> None:
         logger.warning("Load InsightFace: %s\nGoing on with the recogniser already in %s.", error, target)
 
 
+# Recognisers by "<pack>/<file>" under insightface/models: Arc2Face's and antelopev2's (Arc2Face, and the
+# FaceCrafter ID path), and buffalo_l's w600k_r50 (IP-Adapter FaceID, so the EmojiDiff E-Adapter).
+KNOWN_RECOGNIZERS = ("antelopev2/arcface.onnx", "antelopev2/glintr100.onnx", "buffalo_l/w600k_r50.onnx")
+NOT_RECOGNIZERS = ("det_", "scrfd", "1k3d68", "2d106det", "genderage")
+BUFFALO_L_DETECTOR = "det_10g.onnx"  # the same SCRFD-10GF detector as antelopev2's, in buffalo_l
+
+
+def recognizer_choices() -> list[str]:
+    """"auto", the known recognisers, and any other .onnx recogniser in a pack folder under insightface/models."""
+    found = set()
+    for base in folder_paths.get_folder_paths("insightface"):
+        for path in Path(base, "models").glob("*/*.onnx"):
+            if not path.name.startswith(NOT_RECOGNIZERS):
+                found.add(f"{path.parent.name}/{path.name}")
+    return ["auto", *KNOWN_RECOGNIZERS, *sorted(found - set(KNOWN_RECOGNIZERS))]
+
+
+def recognizer_path(choice: str) -> Path:
+    """The file of a "<pack>/<file>" choice in the first registered insightface folder that has it."""
+    candidates = [Path(base, "models", *choice.split("/")) for base in folder_paths.get_folder_paths("insightface")]
+    for path in candidates:
+        if path.is_file():
+            return path
+    source = {"buffalo_l/w600k_r50.onnx": "insightface's buffalo_l pack "
+                                          "(https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip)",
+              "antelopev2/glintr100.onnx": "insightface's antelopev2 pack"}.get(choice, "the pack it belongs to")
+    raise FileNotFoundError(f"recogniser {choice} not found (looked for {', '.join(map(str, candidates))}); get it from "
+                            f"{source} and unzip it into insightface/models/{choice.split('/')[0]}")
+
+
+def _detector_for(folder: Path, recognizer: Path) -> Path:
+    """antelopev2's detector when present, else buffalo_l's identical det_10g.onnx beside a buffalo_l recogniser."""
+    try:
+        return find_model_files(folder, str(recognizer))[0]
+    except FileNotFoundError:
+        beside = recognizer.parent / BUFFALO_L_DETECTOR
+        if beside.is_file():
+            return beside
+        raise
+
+
 class LoadInsightFace(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -95,16 +136,25 @@ class LoadInsightFace(io.ComfyNode):
                 io.Boolean.Input("download_missing", default=False,
                                  tooltip="Download arcface.onnx from hub FoivosPar/Arc2Face (HF_ENDPOINT is honoured) if it "
                                          "is missing. The detector only comes inside antelopev2.zip: the error says where to put it"),
+                io.Combo.Input("recognizer", options=recognizer_choices(), default="auto", optional=True,
+                               tooltip="ArcFace recogniser, under insightface/models. auto: antelopev2/arcface.onnx, else "
+                                       "glintr100.onnx (Arc2Face). buffalo_l/w600k_r50.onnx: for the EmojiDiff E-Adapter "
+                                       "(IP-Adapter FaceID). Each recogniser has its own embedding space"),
             ],
             outputs=[FaceAnalyzerType.Output(display_name="face_analyzer")],
         )
 
     @classmethod
-    def execute(cls, provider, det_size, download_missing):
+    def execute(cls, provider, det_size, download_missing, recognizer="auto"):
         check_numbers(cls, det_size=det_size)
         folder = antelopev2_folder()
         if download_missing:
             _download_insightface_files(folder)
+        if recognizer != "auto":
+            path = recognizer_path(recognizer)
+            analyzer = FaceAnalyzer(path, _detector_for(folder, path), det_size=det_size, provider=provider)
+            logger.info("Load InsightFace: %r", analyzer)
+            return io.NodeOutput(analyzer)
         try:
             analyzer = FaceAnalyzer.from_folder(folder, det_size=det_size, provider=provider)
         except FileNotFoundError as error:
@@ -160,7 +210,9 @@ class FaceEmbed(io.ComfyNode):
             logger.warning("Face Embed: left out images %s of the average (cosine distances to the mean %s > %s)",
                            [i + 1 for i in batch.average.rejected],
                            [round(float(batch.average.distances[i]), 3) for i in batch.average.rejected], threshold)
-        return io.NodeOutput(batch.embeddings.detach().to("cpu", torch.float32).contiguous(), batch.crops)
+        embeddings = batch.embeddings.detach().to("cpu", torch.float32).contiguous()
+        embeddings.recognizer = face_analyzer.recognizer_path.name  # consumers refuse another recogniser's space
+        return io.NodeOutput(embeddings, batch.crops)
 
 
 def encoder_folder_names() -> list[str]:
@@ -304,6 +356,10 @@ class Arc2FaceIDConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, id_encoder, embeddings):
+        made_by = getattr(embeddings, "recognizer", None)
+        if made_by not in (None, "arcface.onnx", "glintr100.onnx"):
+            logger.warning("Arc2Face ID Conditioning: the embedding comes from %s; Arc2Face was trained on arcface.onnx "
+                           "embeddings (set recognizer to auto or antelopev2/arcface.onnx in Load InsightFace)", made_by)
         positive, negative = id_encoder.encode(embeddings)
         return io.NodeOutput([[positive, {}]], [[negative, {}]])
 

@@ -14,6 +14,7 @@ MODEL_FOLDERS: dict[str, set[str] | None] = {
     "emotion": None,
     "mediapipe": {".task"},
     "insightface": {".onnx"},
+    "ipadapter": None,  # the published IP-Adapter files, where the IPAdapter Plus pack keeps them
 }
 
 

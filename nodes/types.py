@@ -7,12 +7,17 @@ FlameExpressionType = io.Custom("FLAME_EXPRESSION")
 # The Reference Adapter LoRA: an ``adapters.lora.ReferenceLora``.
 ReferenceAdapterType = io.Custom("REFERENCE_ADAPTER")
 
+# The EmojiDiff E-Adapter: an ``adapters.e_adapter.EAdapter`` (ID and expression branches, optional FaceID LoRA).
+EAdapterType = io.Custom("E_ADAPTER")
+
 # Face detection + ArcFace recognition: an ``encoders.identity.FaceAnalyzer``. Not named INSIGHTFACE:
 # IPAdapter Plus, InstantID, PuLID and PhotoMaker packs use that name for insightface's FaceAnalysis
 # app, a different object, and ComfyUI would let the two be wired together.
 FaceAnalyzerType = io.Custom("FACE_ANALYZER")
 # ArcFace identity embeddings: a float32 CPU tensor B x 512, each row L2-normalised; one row per
-# image of the batch, or a single row when the photos were averaged into one identity.
+# image of the batch, or a single row when the photos were averaged into one identity. Face Embed sets
+# ``embeddings.recognizer`` to the recogniser's file name (``arcface.onnx``, ``w600k_r50.onnx`` ...):
+# each recogniser has its own embedding space, and consumers refuse the wrong one.
 ArcFaceEmbeddingType = io.Custom("ARCFACE_EMBEDDING")
 # Arc2Face's ID text encoder: a ``nodes.identity_nodes.Arc2FaceIDEncoderModel``.
 Arc2FaceIDEncoderType = io.Custom("ARC2FACE_ID_ENCODER")

@@ -1,18 +1,6 @@
 """Evaluation metrics of the papers, on arrays (one row per image pair).
 
-- Exp (EmojiDiff supp. A, eq. 1): sum over the 52 MediaPipe blendshapes of |b_ref - b_gen|.
-- LMS (EmojiDiff supp. A, eqs. 2-3): movement ratios of eyes, pupils and mouth from the 478
-  MediaPipe landmarks, summed absolute differences over S = {leye, reye, lpupil, rpupil, mouth}:
-
-      r_leye   = |l145 - l159| / max(1e-5, |l133 - l33|)
-      r_lpupil = |l133 - l468| / max(1e-5, |l133 - l33|)
-      r_reye   = |l374 - l386| / max(1e-5, |l263 - l362|)
-      r_rpupil = |l263 - l473| / max(1e-5, |l263 - l362|)
-      r_mouth  = |l17 - l0|    / max(1e-5, |l291 - l61|)
-
-  Distances are taken on x, y in pixels when the image size is known (a ratio of two
-  distances does not depend on the scale, but normalised x and y are scaled differently on a
-  non-square picture); the paper does not say whether z is used, and it is not here.
+- Exp and LMS (EmojiDiff supp. A): in ``encoders.expression_metrics``, re-exported here.
 - ID similarity (Arc2Face paper §4): cosine similarity of ArcFace embeddings.
 - 3D Exp-MSE (Arc2Face paper §4): mean squared difference of SMIRK's FLAME parameters (all 55 by
   default: 50 expression, 2 eyelid, 3 jaw, which is what the adapter is conditioned on).
@@ -28,54 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-LMS_EPSILON = 1e-5
-# (numerator pair, denominator pair) per ratio, MediaPipe landmark indices.
-LMS_RATIOS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
-    "leye": ((145, 159), (133, 33)),
-    "lpupil": ((133, 468), (133, 33)),
-    "reye": ((374, 386), (263, 362)),
-    "rpupil": ((263, 473), (263, 362)),
-    "mouth": ((17, 0), (291, 61)),
-}
-
-
-def exp_score(reference, generated) -> np.ndarray:
-    """EmojiDiff's Exp per pair: sum of |b_ref - b_gen| over the 52 blendshapes. Inputs B x 52 (or 52)."""
-    reference, generated = np.atleast_2d(reference).astype(np.float64), np.atleast_2d(generated).astype(np.float64)
-    if reference.shape[-1] != 52 or generated.shape[-1] != 52:
-        raise ValueError(f"blendshapes must have 52 values; got {reference.shape} and {generated.shape}")
-    return np.abs(reference - generated).sum(axis=-1)
-
-
-def exp_mean(reference, generated) -> np.ndarray:
-    """Exp as the mean over the 52 blendshapes (Exp sum / 52): the scale of EmojiDiff's tables and its IDI threshold."""
-    return exp_score(reference, generated) / 52.0
-
-
-def lms_ratios(landmarks, image_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-    """The five movement ratios of B x 478 x (2 or 3) landmarks (normalised x, y as MediaPipe gives them).
-
-    ``image_size`` (height, width) turns normalised coordinates into pixels first.
-    """
-    points = np.asarray(landmarks, dtype=np.float64)
-    if points.ndim == 2:
-        points = points[None]
-    if points.shape[1] != 478 or points.shape[2] < 2:
-        raise ValueError(f"landmarks must be B x 478 x 2 or 3 (MediaPipe with irises); got {points.shape}")
-    xy = points[..., :2]
-    if image_size is not None:
-        xy = xy * np.array([image_size[1], image_size[0]], dtype=np.float64)
-
-    def distance(a: int, b: int) -> np.ndarray:
-        return np.linalg.norm(xy[:, a] - xy[:, b], axis=-1)
-
-    return {name: distance(*top) / np.maximum(LMS_EPSILON, distance(*bottom)) for name, (top, bottom) in LMS_RATIOS.items()}
-
-
-def lms_score(reference, generated, reference_size=None, generated_size=None) -> np.ndarray:
-    """EmojiDiff's LMS per pair: sum over the five ratios of |r_ref - r_gen|."""
-    ref, gen = lms_ratios(reference, reference_size), lms_ratios(generated, generated_size)
-    return sum(np.abs(ref[name] - gen[name]) for name in LMS_RATIOS)
+from encoders.expression_metrics import LMS_EPSILON, LMS_RATIOS, exp_mean, exp_score, lms_ratios, lms_score  # noqa: F401
 
 
 def id_similarity(a, b) -> np.ndarray:
@@ -213,9 +154,9 @@ IDI_MAX_EXP_MEAN = 0.05
 IDI_MAX_LMS = 0.18
 
 
-def idi_keep(exp_mean: float, lms: float, max_exp_mean: float = IDI_MAX_EXP_MEAN, max_lms: float = IDI_MAX_LMS) -> bool:
+def idi_keep(exp: float, lms: float, max_exp_mean: float = IDI_MAX_EXP_MEAN, max_lms: float = IDI_MAX_LMS) -> bool:
     """Whether an IDI pair passes: Exp mean <= 0.05 and LMS <= 0.18; either above drops it."""
-    values = (float(exp_mean), float(lms))
+    values = (float(exp), float(lms))
     if not all(math.isfinite(v) for v in values):
         return False
     return values[0] <= max_exp_mean and values[1] <= max_lms

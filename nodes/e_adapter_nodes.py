@@ -1,0 +1,205 @@
+"""Nodes for the EmojiDiff E-Adapter: load it, apply it, and score expression transfer (Exp, LMS).
+
+Files: our E-Adapter (``models/expression_adapters``); or the published IP-Adapter files it is
+assembled from (``models/ipadapter``: ``ip-adapter-faceid_sd15.bin`` + ``ip-adapter_sd15.bin``, or
+``ip-adapter-faceid_sdxl.bin`` + ``ip-adapter_sdxl_vit-h.bin``); the FaceID LoRA inside the FaceID
+``.bin``, or its separate ``*_lora.safetensors`` in ``models/loras``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..adapters.e_adapter import EAdapter
+from ..adapters.layers import LAYER_SETS
+from ..encoders.expression_metrics import expression_scores
+from ..encoders.previews import score_table
+from .e_adapter_patch import apply_e_adapter
+from .types import ArcFaceEmbeddingType, EAdapterType, FaceLandmarkerType
+
+CATEGORY = "expression_adapters"
+EXPRESSION_LAYER_CHOICES = ["auto", *LAYER_SETS]
+SOURCES = ("e_adapter_file", "ip_adapter_files")
+NONE = "none"
+logger = logging.getLogger(__name__)
+
+
+def file_choices(folder: str) -> list[str]:
+    return [NONE, *folder_paths.get_filename_list(folder)]
+
+
+def _full_path(folder: str, name: str, what: str) -> str:
+    if name == NONE:
+        raise ValueError(f"Load E-Adapter: choose the {what} (a file in ComfyUI/models/{folder})")
+    return folder_paths.get_full_path_or_raise(folder, name)
+
+
+class LoadEAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ExpressionAdaptersLoadEAdapter",
+            display_name="Load E-Adapter (EmojiDiff)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads an EmojiDiff E-Adapter: our .safetensors (ID + expression branches) from "
+                        "ComfyUI/models/expression_adapters, or assembled from the published IP-Adapter files in "
+                        "ComfyUI/models/ipadapter (FaceID + image adapter: EmojiDiff's starting point, untrained for "
+                        "expression transfer).",
+            inputs=[
+                io.Combo.Input("source", options=list(SOURCES), default="e_adapter_file",
+                               tooltip="e_adapter_file: our trained file; ip_adapter_files: FaceID + image IP-Adapter files"),
+                io.Combo.Input("e_adapter_name", options=file_choices("expression_adapters"),
+                               tooltip="Our E-Adapter .safetensors in ComfyUI/models/expression_adapters (source e_adapter_file)"),
+                io.Combo.Input("faceid_name", options=file_choices("ipadapter"),
+                               tooltip="ip-adapter-faceid_sd15.bin or ip-adapter-faceid_sdxl.bin (h94/IP-Adapter-FaceID) "
+                                       "in ComfyUI/models/ipadapter; its LoRA is split off and applied by Apply E-Adapter"),
+                io.Combo.Input("image_name", options=file_choices("ipadapter"),
+                               tooltip="ip-adapter_sd15.bin or ip-adapter_sdxl_vit-h.bin (h94/IP-Adapter, ViT-H) in "
+                                       "ComfyUI/models/ipadapter: the expression branch"),
+                io.Combo.Input("lora_name", options=file_choices("loras"), default=NONE,
+                               tooltip="Optional: the FaceID LoRA as a separate file (ip-adapter-faceid_sd15_lora.safetensors) "
+                                       "in ComfyUI/models/loras; it replaces a LoRA found inside the FaceID .bin"),
+            ],
+            outputs=[EAdapterType.Output(display_name="e_adapter")],
+        )
+
+    @classmethod
+    def execute(cls, source, e_adapter_name, faceid_name, image_name, lora_name=NONE):
+        if source == "e_adapter_file":
+            adapter = EAdapter.from_file(_full_path("expression_adapters", e_adapter_name, "E-Adapter file"))
+        else:
+            adapter = EAdapter.from_published(_full_path("ipadapter", faceid_name, "FaceID IP-Adapter file"),
+                                              _full_path("ipadapter", image_name, "image IP-Adapter file"))
+        if lora_name != NONE:
+            adapter.lora_file = folder_paths.get_full_path_or_raise("loras", lora_name)
+        logger.info("Load E-Adapter: %s, expression layers %s, CLIP %s, ID recogniser %s, FaceID LoRA %s",
+                    adapter.layout.name, adapter.expression_layers, adapter.clip_vision, adapter.id_recognizer,
+                    adapter.lora_file or (f"{len(adapter.lora)} modules from the FaceID file" if adapter.lora else "none"))
+        return io.NodeOutput(adapter.eval())
+
+
+def _check_number(name: str, value: float, low: float, high: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"Apply E-Adapter: {name} must be a number from {low} to {high}; got {value}")
+    return value
+
+
+class ApplyEAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ExpressionAdaptersApplyEAdapter",
+            display_name="Apply E-Adapter (EmojiDiff)",
+            category=f"{CATEGORY}/apply",
+            description="EmojiDiff: identity from one face (ArcFace, buffalo_l w600k_r50) and expression from another "
+                        "(CLIP vision of the EmojiDiff Local Image), on any SD1.5 or SDXL model, with a text prompt. "
+                        "Either condition may be left out. Stacks with IPAdapter, InstantID and our other adapters. "
+                        "Suggested: SD1.5 CFG 7.5, 30 steps; SDXL CFG 5.0.",
+            inputs=[
+                io.Model.Input("model"),
+                EAdapterType.Input("e_adapter"),
+                ArcFaceEmbeddingType.Input("id_embedding", optional=True,
+                                           tooltip="Face Embed output with Load InsightFace set to buffalo_l/w600k_r50.onnx; "
+                                                   "one row for the whole batch, or one per image"),
+                io.ClipVisionOutput.Input("expression_clip_vision", optional=True,
+                                          tooltip="CLIP Vision Encode (ViT-H, crop none) of the EmojiDiff Local Image of the "
+                                                  "expression photo; one image for the whole batch, or one per image"),
+                io.Float.Input("id_strength", default=EAdapter.default_id_strength, min=0.0, max=3.0, step=0.05,
+                               tooltip="lambda_id: weight of the identity branch (paper: 1)"),
+                io.Float.Input("expression_strength", default=EAdapter.default_expression_strength, min=0.0, max=3.0,
+                               step=0.05, tooltip="lambda_exp: weight of the expression branch (paper: 1)"),
+                io.Combo.Input("expression_layers", options=EXPRESSION_LAYER_CHOICES, default="auto",
+                               tooltip="Where the expression branch goes. auto: the adapter's own set (all 16 layers on "
+                                       "SD1.5, up_blocks.0.attentions.1 on SDXL, as in the paper). Others need an adapter "
+                                       "that holds those layers (one assembled from the IP-Adapter files holds all)"),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of sampling where both branches start"),
+                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of sampling where both branches stop"),
+                io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Strength of the FaceID LoRA (FaceID was trained with it at 1.0); 0 leaves it off"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, e_adapter, id_strength, expression_strength, expression_layers, start_at, end_at,
+                lora_strength, id_embedding=None, expression_clip_vision=None):
+        id_strength = _check_number("id_strength", id_strength, 0.0, 3.0)
+        expression_strength = _check_number("expression_strength", expression_strength, 0.0, 3.0)
+        lora_strength = _check_number("lora_strength", lora_strength, 0.0, 2.0)
+        image_embeds = None
+        if expression_clip_vision is not None:
+            image_embeds = expression_clip_vision["image_embeds"]
+            if image_embeds is None:
+                raise ValueError("the CLIP vision output has no image_embeds: use a CLIP vision model with a projection "
+                                 "(ViT-H/14 for the E-Adapter)")
+        patched = apply_e_adapter(model, e_adapter, id_embedding, image_embeds, id_strength, expression_strength,
+                                  expression_layers, start_at, end_at, lora_strength=0.0 if e_adapter.lora_file else lora_strength)
+        if e_adapter.lora_file and lora_strength:
+            patched = apply_lora_file(patched, e_adapter.lora_file, lora_strength)
+        return io.NodeOutput(patched)
+
+
+def apply_lora_file(model, path: str, strength: float):
+    """A LoRA file through ComfyUI's own loader and key mapping, as Load LoRA (model only) does."""
+    import comfy.lora
+    import comfy.utils
+
+    state = comfy.utils.load_torch_file(path, safe_load=True)
+    patches = comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    if not patches:
+        raise ValueError(f"{path}: no LoRA weight of this file fits the model (is it the FaceID LoRA for this base?)")
+    patched = model.clone()
+    patched.add_patches(patches, strength)
+    return patched
+
+
+class ExpressionScores(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ExpressionAdaptersExpressionScores",
+            display_name="Expression Scores (Exp, LMS)",
+            category=f"{CATEGORY}/evaluate",
+            description="EmojiDiff's expression metrics between a reference and generated faces (MediaPipe): Exp = "
+                        "|blendshape differences| over the 52 blendshapes, as a mean and as a sum, and LMS = summed "
+                        "differences of eye, pupil and mouth ratios. The paper writes Exp as a sum, but its numbers "
+                        "(0.054 ...) and the 0.05 filter fit the mean. Lower is closer.",
+            inputs=[
+                io.Image.Input("reference", tooltip="The expression photo: one for all generated images, or one per image"),
+                io.Image.Input("generated", tooltip="Generated images"),
+                FaceLandmarkerType.Input("face_landmarker"),
+                io.Int.Input("face_index", default=0, min=0, max=19,
+                             tooltip="Which face of each picture: numbered by size, largest first, from 0"),
+            ],
+            outputs=[
+                io.Float.Output(display_name="exp_mean", tooltip="Exp averaged over the images (mean over blendshapes)"),
+                io.Float.Output(display_name="exp_sum", tooltip="Exp averaged over the images (sum over blendshapes)"),
+                io.Float.Output(display_name="lms", tooltip="LMS averaged over the images"),
+                io.String.Output(display_name="report", tooltip="Per-image and mean values as text"),
+                io.Image.Output(display_name="table", tooltip="The same numbers as a small table image"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, reference, generated, face_landmarker, face_index):
+        ref = face_landmarker.detect(reference, face_index=face_index)
+        gen = face_landmarker.detect(generated, face_index=face_index)
+        scores = expression_scores(ref.blendshapes.values.numpy(), gen.blendshapes.values.numpy(),
+                                   ref.landmarks.values.numpy(), gen.landmarks.values.numpy(),
+                                   tuple(reference.shape[1:3]), tuple(generated.shape[1:3]))
+        columns = ("exp_mean", "exp_sum", "lms")
+        rows = [(f"image {i + 1}", [float(scores[c][i]) for c in columns]) for i in range(len(scores["lms"]))]
+        means = [float(scores[c].mean()) for c in columns]
+        rows.append(("mean", means))
+        report = "\n".join(f"{label}: " + ", ".join(f"{c} {v:.4f}" for c, v in zip(columns, values)) for label, values in rows)
+        return io.NodeOutput(*means, report, score_table(columns, rows))
+
+
+NODES = [LoadEAdapter, ApplyEAdapter, ExpressionScores]
