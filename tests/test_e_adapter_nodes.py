@@ -244,7 +244,7 @@ def test_workflow_validates_against_comfyui_node_definitions(comfy, tmp_path, na
     import execution
     import folder_paths
 
-    workflow = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    workflow = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     inputs = tmp_path / "input"
     inputs.mkdir()
     for image in ("emojidiff_identity.jpg", "emojidiff_expression.jpg"):

@@ -31,7 +31,7 @@ from onnx_face_models import export_detector, export_recognizer
 from workflows import run
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")]
-WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "emojidiff_sd15_api.json"
+WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "api" / "emojidiff_sd15.json"
 CACHE = Path(os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE", Path.home() / ".cache" / "expression_adapters_tests"))
 LANDMARKER = CACHE / "mediapipe" / "face_landmarker.task"
 CHECKPOINT = "checkpoints/v1-5-pruned-emaonly.safetensors"
