@@ -126,7 +126,7 @@ class ApplyFaceCrafter(io.ComfyNode):
         if emotion is not None:
             if facecrafter.emo is None:
                 raise ValueError("this FaceCrafter file has no EMO (emotion) module; disconnect the emotion")
-            values = emotion.values if hasattr(emotion, "values") else torch.as_tensor(emotion, dtype=torch.float32)
+            values = emotion.float() if isinstance(emotion, torch.Tensor) else emotion.values  # an Emotion, or raw rows
             check_emotion(values)
             emo_tokens = _on_compute_device(facecrafter.emo, values)
         rows = {len(t) for t in (lmk_tokens, emo_tokens) if t is not None} - {1}
