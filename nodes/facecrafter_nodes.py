@@ -19,7 +19,7 @@ from ..adapters.facecrafter import (
     resize_landmark_images,
 )
 from ..encoders.landmark_pose import pose_sweep
-from .facecrafter_patch import SWITCHES_KEY, apply_facecrafter, facecrafter_applications
+from .facecrafter_patch import SWITCHES_KEY, FaceCrafterPatch, apply_facecrafter, facecrafter_applications
 from .types import EmotionType, FaceCrafterType, FaceLandmarksType
 
 CATEGORY = "expression_adapters"
@@ -166,6 +166,16 @@ class FaceCrafterCFGGuider(comfy.samplers.CFGGuider):
         return guided
 
 
+def warn_about_other_branches(model) -> None:
+    """Other attention patches (Expression/Reference Adapter, IPAdapter) read ComfyUI's index 0 as "conditional";
+    under this guider index 0 is the negative, so they would act on the wrong prediction."""
+    replaces = model.model_options["transformer_options"].get("patches_replace", {})
+    others = {type(patch).__name__ for kind in ("attn1", "attn2") for patch in replaces.get(kind, {}).values()} - {FaceCrafterPatch.__name__}
+    if others:
+        log.warning("FaceCrafter Guider: the model also has %s; those patches take the guider's first prediction "
+                    "(the negative) for the conditional one. Sample stacked adapters with a plain KSampler.", ", ".join(sorted(others)))
+
+
 class FaceCrafterGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -194,6 +204,7 @@ class FaceCrafterGuider(io.ComfyNode):
         weights = [_finite(name, value, 0.0, 20.0) for name, value in (("w_id", w_id), ("w_lmk", w_lmk), ("w_emo", w_emo))]
         if not facecrafter_applications(model):
             raise ValueError("FaceCrafter Guider needs a model patched by Apply FaceCrafter; use CFGGuider for other models")
+        warn_about_other_branches(model)
         guider = FaceCrafterCFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_weights(*weights)
