@@ -124,7 +124,7 @@ def test_config_errors_name_the_problem(shards, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rat'"):
         load_config(SMOKE, ["train.learning_rat=1"])
     with pytest.raises(ConfigError, match=r"data.shards names .*absent.json, which does not exist"):
-        load_config(SMOKE, [f"data.shards={tmp_path / 'absent.json'}"])
+        load_config(SMOKE, [f"data.shards={tmp_path / 'absent.json'}", "data.demo_if_missing=false"])
     with pytest.raises(ConfigError, match="set exactly one of model.unet"):
         load_config(SMOKE, [f"data.shards={shards}", "model.unet=somewhere"], check_paths=False)
     with pytest.raises(ConfigError, match=r"model.vae names .*nowhere, which does not exist"):
@@ -133,8 +133,8 @@ def test_config_errors_name_the_problem(shards, tmp_path):
 
 @pytest.mark.comfyui
 def test_exported_adapter_loads_and_changes_the_comfyui_output(comfy, shards, tmp_path):
-    from tiny_unets import comfy_model
     from adapters.diffusers_host import attach_adapters
+    from tiny_unets import comfy_model
     from training.tiny import tiny_unet
 
     result = Trainer(smoke_config(shards / "manifest.json", tmp_path, "train.max_steps=3")).run()

@@ -75,14 +75,17 @@ def test_id_similarity_and_exp_mse():
     np.testing.assert_allclose(metrics.exp_mse(reference, generated, slice(0, 50)), [5 / 50])
 
 
-def test_frechet_distance_of_known_gaussians():
+def test_fid_wiring_through_torchmetrics_gives_hand_computed_distances():
     rng = np.random.default_rng(0)
-    features = rng.normal(size=(4000, 3))
+    features = rng.normal(size=(500, 3)) @ np.array([[1.0, 0.3, 0.0], [0.0, 2.0, 0.5], [0.0, 0.0, 0.7]])
     assert metrics.fid_from_features(features, features) == pytest.approx(0.0, abs=1e-6)
-    # equal covariances: only the squared mean difference remains
-    np.testing.assert_allclose(metrics.frechet_distance(np.zeros(3), np.eye(3), np.array([1.0, 2.0, 2.0]), np.eye(3)), 9.0)
-    # variances 1 and 4 in one dimension: (1 - 2)^2 = 1
-    np.testing.assert_allclose(metrics.frechet_distance(np.zeros(1), np.eye(1), np.zeros(1), 4 * np.eye(1)), 1.0)
+    # a shifted copy has the same covariance: only |shift|^2 = 1 + 4 + 4 remains
+    assert metrics.fid_from_features(features, features + [1.0, 2.0, 2.0]) == pytest.approx(9.0, rel=1e-6)
+    # twice the centred features: covariance 4S, so tr(S + 4S - 2 sqrt(4 S^2)) = tr(S)
+    centred = features - features.mean(0)
+    assert metrics.fid_from_features(centred, 2 * centred) == pytest.approx(np.trace(np.cov(centred, rowvar=False)), rel=1e-5)
+    with pytest.raises(ValueError, match="at least two"):
+        metrics.fid_from_features(features[:1], features)
 
 
 def test_fid_without_inception_weights_says_what_to_give(tmp_path):
@@ -90,6 +93,8 @@ def test_fid_without_inception_weights_says_what_to_give(tmp_path):
         metrics.InceptionFeatures(None)
     with pytest.raises(metrics.InceptionWeightsMissing, match="--inception-weights"):
         metrics.InceptionFeatures(tmp_path / "absent.pth")
+    with pytest.raises(metrics.InceptionWeightsMissing, match="pt_inception-2015-12-05"):
+        metrics.InceptionFeatures(tmp_path / "absent.pth", backend="fid-inception")
 
 
 def test_pairing_by_name_accepts_comfyui_counters_and_scores_what_both_sides_have(tmp_path):
@@ -109,3 +114,69 @@ def test_pairing_by_name_accepts_comfyui_counters_and_scores_what_both_sides_hav
     assert summary["metrics"]["id_similarity"] == {"mean": 0.75, "std": 0.25, "count": 2}
     assert "| exp_mse | 1.0000 | 0.0000 | 1 |" in format_table(summary)
     json.dumps(summary)
+
+
+def test_facecrafter_columns_on_hand_made_arrays():
+    target = np.array([[0.5, 0.2, 1, 0, 0, 0, 0, 0, 0, 0], [-0.4, 0.6, 0, 0, 1, 0, 0, 0, 0, 0]])
+    generated = np.array([[0.2, 0.2, 0.5, 0.5, 0, 0, 0, 0, 0, 0], [-0.4, 0.0, 0, 0, 1, 0, 0, 0, 0, 0]])
+    errors = metrics.emotion_errors(target, generated)
+    assert errors["v_rmse"] == pytest.approx(np.sqrt((0.3 ** 2 + 0) / 2))
+    assert errors["a_rmse"] == pytest.approx(np.sqrt((0 + 0.6 ** 2) / 2))
+    assert errors["dist_rmse"] == pytest.approx(np.sqrt((0.25 + 0.25 + 0) / 2))  # |(0.5, -0.5)|^2 = 0.5
+    assert errors["class_acc"] == pytest.approx(100.0)  # argmax ties go to the first class: both agree
+    generated[1, 4], generated[1, 6] = 0.2, 0.8
+    assert metrics.emotion_errors(target, generated)["class_acc"] == pytest.approx(50.0)
+    flame_t, flame_g = np.zeros((2, 55)), np.zeros((2, 55))
+    flame_g[0, :4] = 1.0  # |d|^2 = 4 on the first picture
+    flame_g[:, 50:] = 9.0  # eyelid and jaw are not expression parameters
+    assert metrics.exp_rmse(flame_t, flame_g) == pytest.approx(np.sqrt(2.0))
+    assert metrics.pose_rmse([[0, 0, 0], [0, 0, 0]], [[180, 0, 0], [0, 0, 0]]) == pytest.approx(np.pi / np.sqrt(2))
+    assert metrics.parameter_std([[0, 1], [2, 1]]) == pytest.approx(0.5)  # stds 1 and 0
+    assert metrics.mean_pairwise([1, 2, 4], lambda a, b: abs(a - b)) == pytest.approx((1 + 3 + 2) / 3)
+
+
+def test_lpips_with_a_supplied_backbone_file(tmp_path):
+    pytest.importorskip("lpips")
+    import torch
+    from torchvision.models import alexnet
+
+    with pytest.raises(metrics.OptionalMetricMissing, match="--lpips-backbone"):
+        metrics.lpips_distance(tmp_path / "absent.pth")
+    torch.manual_seed(0)
+    torch.save(alexnet(weights=None).state_dict(), tmp_path / "alexnet.pth")  # stand-in backbone weights
+    distance = metrics.lpips_distance(tmp_path / "alexnet.pth")
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2))
+    assert distance(a, a) == pytest.approx(0.0, abs=1e-7) and distance(a, b) > 0
+    assert distance(a, b) == pytest.approx(distance(b, a), rel=1e-5)
+
+
+def test_liqe_without_pyiqa_or_weights_says_what_to_give(tmp_path):
+    with pytest.raises(metrics.OptionalMetricMissing, match="pyiqa|--liqe-weights"):
+        metrics.liqe_scorer(tmp_path / "absent.pt")
+
+
+def test_evaluation_set_columns_diversity_and_paper_table():
+    from training.evaluate import diversity, set_metrics
+    from training.paper_tables import paper_table
+
+    emotion = np.array([0.5, 0.2, 1, 0, 0, 0, 0, 0, 0, 0])
+    pairs = [({"emotion": emotion, "head_pose": np.zeros(3)}, {"emotion": emotion + [0.3, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                                                                 "head_pose": np.array([0.0, 90.0, 0.0])}),
+             ({"emotion": emotion}, {"emotion": emotion})]
+    columns = set_metrics(pairs)
+    assert columns["v_rmse"]["value"] == pytest.approx(np.sqrt(0.09 / 2)) and columns["v_rmse"]["count"] == 2
+    assert columns["pose_rmse"] == {"value": pytest.approx(np.pi / 2), "count": 1}
+    assert "exp_rmse" not in columns  # no pair has flame on both sides
+    groups = {"anna": [{"flame": np.r_[np.zeros(50), 5.0 * np.ones(5)]}, {"flame": np.r_[2 * np.ones(50), np.zeros(5)]}],
+              "ben": [{"flame": np.zeros(55)}]}  # one sample: no diversity
+    images = {"anna": [np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)]}
+    found = diversity(groups, images, lpips=lambda a, b: float(np.abs(a.astype(float) - b).mean()))
+    assert found["exp_std"] == {"mean": pytest.approx(1.0), "std": 0.0, "count": 1}  # std of {0, 2}, jaw ignored
+    assert found["lpips"]["mean"] == pytest.approx(255.0) and "pose_std" not in found
+    table = paper_table("facecrafter", {"metrics": {"v_rmse": {"value": 0.2}, "id_similarity": {"mean": 0.7}}})
+    assert "| FaceCrafter (LMK+EMO) (paper) | 6.81 | 0.126 | 0.217 | 0.184 | 0.52 | 61.2 | 0.69 | 31.54 |" in table
+    assert "| ours |  |  | 0.2 |  |  |  | 0.7 |  |" in table
+    assert "SMIRK" in table and "FaceNet" in table and "not computed here: Exp-RMSE, Pose-RMSE" in table
+    emojidiff = paper_table("emojidiff", {"metrics": {"exp_mean": {"mean": 0.06}}})
+    assert "| EmojiDiff (paper) | 0.666 | 4.995 | 0.054 | 0.215 |" in emojidiff and "| ours |  |  | 0.06 |  |" in emojidiff

@@ -150,7 +150,7 @@ def test_evaluate_scores_a_comfyui_style_folder_against_prepared_targets(models,
     assert summary["pairs"] == 3 and summary["failed"] == 0
     # the same picture, the same face models: identity and expression come back as prepared
     assert summary["metrics"]["id_similarity"]["mean"] == pytest.approx(1.0, abs=1e-4)
-    assert set(summary["metrics"]) == {"id_similarity", "exp_mse"}
+    assert set(summary["metrics"]) == {"id_similarity", "exp_mse", "exp_rmse"}  # exp_rmse: FaceCrafter's set-level column
     assert any("--landmarker" in note for note in summary["notes"]) and any("FID left out" in note for note in summary["notes"])
     with open(tmp_path / "eval" / "per_sample.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

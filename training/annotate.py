@@ -32,6 +32,7 @@ class Sample:
     crop: np.ndarray | None = None  # the aligned training crop, S x S x 3 uint8 RGB
     crop_box: np.ndarray | None = None  # face box (x0, y0, x1, y1) in crop pixels
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    files: dict[str, np.ndarray] = field(default_factory=dict)  # extra RGB images: "local.jpg" -> H x W x 3 uint8
 
 
 # --- alignment ------------------------------------------------------------------------------
@@ -116,12 +117,19 @@ class FaceAnnotator:
 
 
 class LandmarkAnnotator:
-    """MediaPipe FaceLandmarker on the crop: ``landmarks`` (478 x 3, normalised to the crop) and ``blendshapes`` (52)."""
+    """MediaPipe FaceLandmarker on the crop: ``landmarks`` (478 x 3, normalised to the crop) and ``blendshapes`` (52).
+
+    With ``head_pose``: also ``head_pose`` (yaw, pitch, roll in degrees, from MediaPipe's facial
+    transformation matrix; :func:`encoders.head_pose.head_pose_from_matrix`). The landmarks are
+    all a FaceCrafter landmark image needs: training renders it on the fly
+    (:func:`encoders.landmark_image.render_landmark_image`) at whatever size it trains.
+    """
 
     name = "landmarks"
 
-    def __init__(self, landmarker):
+    def __init__(self, landmarker, head_pose: bool = False):
         self.landmarker = landmarker
+        self.head_pose = head_pose
 
     def __call__(self, sample: Sample) -> None:
         try:
@@ -130,6 +138,130 @@ class LandmarkAnnotator:
             raise SkipSample("no_landmarks", str(error)) from None
         sample.arrays["landmarks"] = result.landmarks.values[0].numpy()
         sample.arrays["blendshapes"] = result.blendshapes.values[0].numpy()
+        if self.head_pose:
+            from encoders.head_pose import head_pose_from_matrix
+
+            sample.arrays["head_pose"] = head_pose_from_matrix(result.matrices[0].numpy()).astype(np.float32)
+
+
+def needs_landmarks(sample: Sample, what: str) -> np.ndarray:
+    if "landmarks" not in sample.arrays:
+        raise ValueError(f"{what} needs MediaPipe landmarks: give prepare --landmarker")
+    return sample.arrays["landmarks"]
+
+
+class FaceIdAnnotator:
+    """A second identity embedding, ``faceid``: another recogniser (IP-Adapter-FaceID's buffalo_l
+    ``w600k_r50.onnx``, which EmojiDiff's ID branch reads) on the same detected face as ``id``."""
+
+    name = "faceid"
+
+    def __init__(self, analyzer):
+        self.analyzer = analyzer  # an encoders.identity.FaceAnalyzer, detector not needed
+
+    def __call__(self, sample: Sample) -> None:
+        from encoders.identity import Detection
+
+        detection = Detection(np.float32(sample.meta["box"]), np.float32(sample.meta["kps"]),
+                              float(sample.meta.get("det_score", 1.0)))
+        face = self.analyzer.analyze(sample.image, detections=[[detection]])[0]
+        sample.arrays["faceid"] = face.embedding.astype(np.float32)
+
+
+class LocalImageAnnotator:
+    """EmojiDiff's local expression image of the crop (:func:`encoders.face_crops.emojidiff_local_image`),
+    stored as ``local.jpg``, and with a CLIP vision model its ``clip_image`` embedding (``image_embeds``;
+    the encoder is frozen in every stage, so it is computed once here)."""
+
+    name = "local_image"
+
+    def __init__(self, clip_vision=None, size: int = 224, device="cpu"):
+        self.clip = clip_vision.to(device).eval().requires_grad_(False) if clip_vision is not None else None
+        self.size, self.device = int(size), device
+
+    @torch.no_grad()
+    def __call__(self, sample: Sample) -> None:
+        from encoders.expressions import Landmarks
+        from encoders.face_crops import emojidiff_local_image
+
+        points = needs_landmarks(sample, "the EmojiDiff local image")
+        crop = torch.from_numpy(sample.crop.astype(np.float32) / 255.0)[None]
+        local = emojidiff_local_image(crop, Landmarks(torch.from_numpy(points)[None]), size=self.size).images
+        sample.files["local.jpg"] = (local[0].numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+        if self.clip is not None:
+            sample.arrays["clip_image"] = clip_image_embeds(self.clip, local, self.device)[0].cpu().numpy()
+
+
+# OpenAI CLIP's pixel mean and std, which OpenCLIP ViT-H/14 (IP-Adapter's image encoder) shares.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_image_embeds(model, images: torch.Tensor, device="cpu") -> torch.Tensor:
+    """``image_embeds`` of a transformers CLIPVisionModelWithProjection for B x H x W x 3 images in 0..1
+    (resized to the model's input size, then CLIP's mean/std)."""
+    import torch.nn.functional as F
+
+    size = int(model.config.image_size)
+    pixels = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(size, size), mode="bicubic",
+                           align_corners=False, antialias=True).clamp(0, 1)
+    pixels = (pixels - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    dtype = next(model.parameters()).dtype
+    return model(pixel_values=pixels.to(device, dtype)).image_embeds.float()
+
+
+class EmotionAnnotator:
+    """EmoNet's ``emotion`` of the crop: valence, arousal and the 8 class probabilities (10 values)."""
+
+    name = "emotion"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, sample: Sample) -> None:
+        from encoders.emotion import predict_emotion
+        from encoders.expressions import Landmarks
+
+        landmarks = None
+        if "landmarks" in sample.arrays:
+            landmarks = Landmarks(torch.from_numpy(sample.arrays["landmarks"])[None])
+        emotion, _ = predict_emotion(self.model, sample.crop[None], landmarks)
+        sample.arrays["emotion"] = emotion.values[0].numpy().astype(np.float32)
+
+
+def face_oval_mask(crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """The filled MediaPipe face-oval polygon in crop pixels (H x W bool): FaceCrafter's face-parser stand-in."""
+    import cv2
+
+    from encoders.face_mesh import REGION_POLYLINES
+
+    height, width = crop.shape[:2]
+    oval = np.asarray(REGION_POLYLINES["face_oval"][0][:-1])
+    points = np.round(landmarks[oval, :2] * [width, height]).astype(np.int32)
+    mask = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(mask, [points], 1)
+    return mask.astype(bool)
+
+
+class FaceMaskAnnotator:
+    """``face_mask``: ``size`` x ``size`` uint8 (0/1) for the AD loss, whose token grids are at most 64 x 64 at 512.
+
+    ``parser(crop, landmarks) -> H x W bool`` is pluggable (a BiSeNet/EHANet face parser, as the paper
+    used, can replace the default face-oval polygon); a cell is 1 when most of it is face.
+    """
+
+    name = "face_mask"
+
+    def __init__(self, parser=face_oval_mask, size: int = 64):
+        self.parser, self.size = parser, int(size)
+
+    def __call__(self, sample: Sample) -> None:
+        import cv2
+
+        points = needs_landmarks(sample, "the face-oval mask") if self.parser is face_oval_mask else sample.arrays.get("landmarks")
+        full = np.asarray(self.parser(sample.crop, points), dtype=np.float32)
+        small = cv2.resize(full, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        sample.arrays["face_mask"] = (small >= 0.5).astype(np.uint8)
 
 
 class SmirkAnnotator:

@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
         "use_cached_latents": True,  # use latents stored by prepare; else VAE-encode each step
         "shuffle_shards": 4,  # shards whose samples are mixed together
         "num_workers": 2,
+        # Smoke configs: when data.shards does not exist, build the small demo set of
+        # training/demo_data.py there (pictures shipped in packages, stand-in models) and train on it.
+        "demo_if_missing": False,
     },
     "train": {
         "batch_size": 8,  # per process (per GPU)
@@ -210,7 +213,7 @@ def validate(config: Mapping, check_paths: bool = True) -> None:
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{section}.{key} names {value}, which does not exist")
     shards = str(data["shards"])
-    if not any(ch in shards for ch in "*?[") and not Path(shards).exists():
+    if not any(ch in shards for ch in "*?[") and not Path(shards).exists() and not data["demo_if_missing"]:
         raise ConfigError(f"data.shards names {shards}, which does not exist; run `python -m training.prepare` first")
     resume = config["checkpointing"]["resume"]
     if resume not in (None, "latest", "none") and not Path(resume).is_dir():

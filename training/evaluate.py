@@ -13,7 +13,11 @@ as ``id_embedding`` (numbers) or ``identity_image`` (a path), and the expression
 ``manifest.json`` from training.prepare also works: its samples are the entries, named by key.
 
 Metrics (see :mod:`training.metrics`): ID similarity (needs --insightface), 3D Exp-MSE (needs
---smirk), Exp and LMS (need --landmarker, MediaPipe), FID (needs --real and Inception weights).
+--smirk), Exp (sum and mean) and LMS (need --landmarker, MediaPipe), FID (needs --real and Inception
+weights; computed by torchmetrics), LIQE (--liqe-weights with pyiqa). FaceCrafter's columns: Exp-RMSE
+(SMIRK), Pose-RMSE (MediaPipe head pose), V/A/Dist-RMSE and Class-ACC (--emonet); ID-only diversity
+(LPIPS with --lpips-backbone, std of expression and pose) over entries sharing an ``identity``.
+``--paper-table emojidiff|facecrafter`` prints the paper's rows beside ours.
 A metric whose model is not given is left out, with a note. Writes ``per_sample.csv``,
 ``summary.json`` and prints a summary table.
 """
@@ -32,15 +36,22 @@ import numpy as np
 from . import metrics
 from .prepare import IMAGE_SUFFIXES, read_image
 
-METRIC_COLUMNS = ["id_similarity", "exp_mse", "exp", "lms"]
+METRIC_COLUMNS = ["id_similarity", "exp_mse", "exp", "exp_mean", "lms", "liqe"]
+# Set-level columns (FaceCrafter Table 1), computed over all pairs that have both sides.
+SET_METRICS = {"emotion": metrics.emotion_errors, "flame": lambda t, g: {"exp_rmse": metrics.exp_rmse(t, g)},
+               "head_pose": lambda t, g: {"pose_rmse": metrics.pose_rmse(t, g)}}
 
 
 class ImageAnnotator:
     """What the metrics need from one picture, each part only when its model is given."""
 
     def __init__(self, insightface=None, smirk=None, landmarker=None, provider="cpu", det_size=640,
-                 smirk_channel_order="RGB", recognizer=None):
-        self.analyzer = self.smirk = self.landmarker = None
+                 smirk_channel_order="RGB", recognizer=None, emonet=None):
+        self.analyzer = self.smirk = self.landmarker = self.emonet = None
+        if emonet:
+            from encoders.emotion import load_emonet
+
+            self.emonet = load_emonet(emonet)
         self.channel_order = smirk_channel_order
         if insightface:
             from encoders.identity import FaceAnalyzer
@@ -73,6 +84,9 @@ class ImageAnnotator:
                 result = self.landmarker.detect(rgb[None])
                 out["landmarks"] = result.landmarks.values[0].numpy()
                 out["blendshapes"] = result.blendshapes.values[0].numpy()
+                from encoders.head_pose import head_pose_from_matrix
+
+                out["head_pose"] = head_pose_from_matrix(result.matrices[0].numpy())
             except ValueError:
                 out["error"] = "no MediaPipe face"
         if self.smirk is not None:
@@ -90,6 +104,12 @@ class ImageAnnotator:
             if landmarks is not None:
                 image = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]
                 out["flame"] = encode_expression(self.smirk, image, landmarks, channel_order=self.channel_order)[0].values[0].numpy()
+        if self.emonet is not None:
+            from encoders.emotion import predict_emotion
+            from encoders.expressions import Landmarks
+
+            landmarks = Landmarks(torch.from_numpy(out["landmarks"])[None]) if "landmarks" in out else None
+            out["emotion"] = predict_emotion(self.emonet, rgb[None], landmarks)[0].values[0].numpy()
         return out
 
 
@@ -163,7 +183,7 @@ def target_fields(entry: Mapping, annotator: ImageAnnotator, cache: dict) -> dic
     elif "identity_image" in entry:
         fields["id_embedding"] = _annotated(entry["identity_image"], annotator, cache).get("id_embedding")
     expression = _annotated(entry["expression_image"], annotator, cache) if "expression_image" in entry else {}
-    for key in ("flame", "blendshapes", "landmarks"):
+    for key in ("flame", "blendshapes", "landmarks", "emotion", "head_pose"):
         if key in entry:
             fields[key] = np.asarray(entry[key], dtype=np.float64)
         elif key in expression:
@@ -190,10 +210,39 @@ def score_pair(generated: Mapping, target: Mapping) -> dict:
         row["exp_mse"] = float(metrics.exp_mse(target["flame"], generated["flame"])[0])
     if "blendshapes" in generated and "blendshapes" in target:
         row["exp"] = float(metrics.exp_score(target["blendshapes"], generated["blendshapes"])[0])
+        row["exp_mean"] = float(metrics.exp_mean(target["blendshapes"], generated["blendshapes"])[0])
     if "landmarks" in generated and "landmarks" in target:
         row["lms"] = float(metrics.lms_score(target["landmarks"], generated["landmarks"],
                                              target.get("landmarks_image_size"), generated["image_size"])[0])
     return row
+
+
+def set_metrics(pairs: list[tuple[Mapping, Mapping]]) -> dict[str, dict[str, float]]:
+    """FaceCrafter's set-level columns over the pairs where both sides have the field."""
+    out = {}
+    for field, function in SET_METRICS.items():
+        both = [(t[field], g[field]) for t, g in pairs if field in t and field in g]
+        if both:
+            values = function(np.stack([t for t, _ in both]), np.stack([g for _, g in both]))
+            out |= {name: {"value": value, "count": len(both)} for name, value in values.items()}
+    return out
+
+
+def diversity(groups: Mapping[str, list[Mapping]], images: Mapping[str, list[np.ndarray]], lpips=None) -> dict:
+    """ID-only diversity (FaceCrafter Table 2), averaged over identities with at least two samples:
+    LPIPS between an identity's samples, and the std of their expression and pose parameters."""
+    per_identity: dict[str, list[float]] = {"lpips": [], "exp_std": [], "pose_std": []}
+    for name, annotated in groups.items():
+        if len(annotated) < 2:
+            continue
+        if lpips is not None:
+            per_identity["lpips"].append(metrics.mean_pairwise(images[name], lpips))
+        for field, column in (("flame", "exp_std"), ("head_pose", "pose_std")):
+            values = [a[field][:50] if field == "flame" else np.radians(a[field]) for a in annotated if field in a]
+            if len(values) >= 2:
+                per_identity[column].append(metrics.parameter_std(values))
+    return {column: {"mean": float(np.mean(v)), "std": float(np.std(v)), "count": len(v)}
+            for column, v in per_identity.items() if v}
 
 
 def compute_fid(real_folder, generated_paths, weights, backend, device) -> float:
@@ -211,8 +260,8 @@ def compute_fid(real_folder, generated_paths, weights, backend, device) -> float
 
 
 def evaluate(generated_folder, targets_path, out, insightface=None, smirk=None, landmarker=None, real=None,
-             inception_weights=None, fid_backend="torchvision", pair_by="name", provider="cpu", device="cpu",
-             recognizer=None, det_size=640) -> dict:
+             inception_weights=None, fid_backend="fid-inception", pair_by="name", provider="cpu", device="cpu",
+             recognizer=None, det_size=640, emonet=None, liqe_weights=None, lpips_backbone=None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notes = []
@@ -222,18 +271,41 @@ def evaluate(generated_folder, targets_path, out, insightface=None, smirk=None, 
         notes.append("no --smirk: 3D Exp-MSE left out")
     if not landmarker:
         notes.append("no --landmarker (MediaPipe face_landmarker.task): Exp and LMS left out")
-    annotator = ImageAnnotator(insightface, smirk, landmarker, provider, det_size, recognizer=recognizer)
+    if not emonet:
+        notes.append("no --emonet: FaceCrafter's V/A/Dist-RMSE and Class-ACC left out")
+    annotator = ImageAnnotator(insightface, smirk, landmarker, provider, det_size, recognizer=recognizer, emonet=emonet)
+    liqe = lpips = None
+    if liqe_weights:
+        try:
+            liqe = metrics.liqe_scorer(liqe_weights, device)
+        except metrics.OptionalMetricMissing as error:
+            notes.append(f"LIQE left out: {error}")
+    if lpips_backbone:
+        try:
+            lpips = metrics.lpips_distance(lpips_backbone, device=device)
+        except metrics.OptionalMetricMissing as error:
+            notes.append(f"LPIPS diversity left out: {error}")
     pairs = pair(list_images(generated_folder), load_targets(targets_path), pair_by)
-    rows, cache = [], {}
+    rows, cache, compared = [], {}, []
+    groups: dict[str, list] = {}
+    group_images: dict[str, list] = {}
     from tqdm import tqdm
 
     for path, entry in tqdm(pairs, desc="evaluate", unit="image"):
         image = read_image(str(path))
         generated = annotator(image) if image is not None else {"error": "unreadable picture"}
+        target = target_fields(entry, annotator, cache)
         row = {"generated": path.name, "target": entry.get("name", "")}
-        row |= score_pair(generated, target_fields(entry, annotator, cache))
+        row |= score_pair(generated, target)
+        if liqe is not None and image is not None:
+            row["liqe"] = liqe(image)
         row["error"] = generated.get("error", "")
         rows.append(row)
+        compared.append((target, generated))
+        identity = str(entry.get("identity") or entry.get("identity_image") or "")
+        if identity and image is not None:
+            groups.setdefault(identity, []).append(generated)
+            group_images.setdefault(identity, []).append(image)
     columns = [c for c in METRIC_COLUMNS if any(c in row for row in rows)]
     with open(out / "per_sample.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["generated", "target", *columns, "error"])
@@ -241,6 +313,8 @@ def evaluate(generated_folder, targets_path, out, insightface=None, smirk=None, 
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in writer.fieldnames})
     summary = {"pairs": len(rows), "failed": sum(1 for r in rows if r["error"]), "metrics": metrics.summarise(rows, columns)}
+    summary["metrics"] |= set_metrics(compared)
+    summary["metrics"] |= diversity(groups, group_images, lpips)
     if real:
         try:
             summary["metrics"]["fid"] = {"value": compute_fid(real, [p for p, _ in pairs], inception_weights, fid_backend, device)}
@@ -255,7 +329,7 @@ def format_table(summary: Mapping) -> str:
     lines = ["| metric | mean | std | n |", "|---|---|---|---|"]
     for name, values in summary["metrics"].items():
         if "value" in values:
-            lines.append(f"| {name} | {values['value']:.4f} | | |")
+            lines.append(f"| {name} | {values['value']:.4f} | | {values.get('count', '')} |")
         else:
             lines.append(f"| {name} | {values['mean']:.4f} | {values['std']:.4f} | {values['count']} |")
     return "\n".join(lines)
@@ -272,8 +346,16 @@ def parse_args(argv=None):
     parser.add_argument("--smirk", help="SMIRK_em1.pt (3D Exp-MSE)")
     parser.add_argument("--landmarker", help="MediaPipe face_landmarker.task (Exp, LMS)")
     parser.add_argument("--real", help="folder of real pictures (FID)")
-    parser.add_argument("--inception-weights", help="torchvision inception_v3 weights file (FID)")
-    parser.add_argument("--fid-backend", choices=("torchvision", "pytorch-fid"), default="torchvision")
+    parser.add_argument("--inception-weights", help="FID Inception weights: pt_inception-2015-12-05-6726825d.pth "
+                        "(fid-inception backend) or torchvision's inception_v3_google-*.pth (torchvision backend)")
+    parser.add_argument("--fid-backend", choices=("fid-inception", "torchvision", "pytorch-fid"), default="fid-inception",
+                        help="fid-inception: torchmetrics/torch-fidelity's port of the FID network (comparable numbers)")
+    parser.add_argument("--emonet", help="EmoNet checkpoint (FaceCrafter's V/A/Dist-RMSE and Class-ACC)")
+    parser.add_argument("--liqe-weights", help="pyiqa's LIQE weights file (EmojiDiff's IQ column; needs pip install pyiqa)")
+    parser.add_argument("--lpips-backbone", help="torchvision alexnet weights file (LPIPS diversity between samples "
+                        "of one identity; entries name their identity with 'identity' or 'identity_image')")
+    parser.add_argument("--paper-table", choices=("emojidiff", "facecrafter"),
+                        help="print the paper's Table 1 rows beside ours, with what differs in our metrics")
     parser.add_argument("--pair-by", choices=("name", "order"), default="name")
     parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--det-size", type=int, default=640)
@@ -285,8 +367,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     summary = evaluate(args.generated, args.targets, args.out, args.insightface, args.smirk, args.landmarker, args.real,
                        args.inception_weights, args.fid_backend, args.pair_by, args.provider, args.device,
-                       args.recognizer, args.det_size)
+                       args.recognizer, args.det_size, args.emonet, args.liqe_weights, args.lpips_backbone)
     print(format_table(summary))
+    if args.paper_table:
+        from .paper_tables import paper_table
+
+        print()
+        print(paper_table(args.paper_table, summary))
     for note in summary["notes"]:
         print(f"note: {note}", file=sys.stderr)
     return summary

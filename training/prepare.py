@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,7 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .annotate import FaceAnnotator, LandmarkAnnotator, LatentAnnotator, Sample, SkipSample, SmirkAnnotator
+from .annotate import (
+    EmotionAnnotator,
+    FaceAnnotator,
+    FaceIdAnnotator,
+    FaceMaskAnnotator,
+    LandmarkAnnotator,
+    LatentAnnotator,
+    LocalImageAnnotator,
+    Sample,
+    SkipSample,
+    SmirkAnnotator,
+)
 from .shards import MANIFEST, ShardWriter, npy_bytes, shard_name, sidecar_path, write_json_atomic
 
 logger = logging.getLogger("training.prepare")
@@ -60,6 +72,22 @@ class Options:
     smirk_channel_order: str = "RGB"
     video_frame_step: int = 1
     max_frames_per_clip: int = 0
+    # Optional fields (off by default; see training/README.md):
+    person_from: str = "none"  # none | folder (the file's parent folder) | clip (clip id); --person-list overrides
+    person_list: str | None = None
+    faceid_recognizer: str | None = None  # a second recogniser file, e.g. buffalo_l w600k_r50.onnx -> faceid
+    head_pose: bool = False
+    local_image: bool = False
+    clip_vision: str | None = None  # CLIPVisionModelWithProjection folder -> clip_image (implies local_image)
+    emonet: str | None = None  # EmoNet checkpoint -> emotion
+    face_mask: bool = False
+    mask_size: int = 64
+
+
+# Options added after the first release: left out of a plan at their defaults, so folders
+# prepared before keep resuming.
+LATER_OPTIONS = ("person_from", "person_list", "faceid_recognizer", "head_pose", "local_image", "clip_vision",
+                 "emonet", "face_mask", "mask_size")
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -139,14 +167,32 @@ class Annotators:
         analyzer = FaceAnalyzer.from_folder(options.insightface, recognizer=options.recognizer,
                                             det_size=options.det_size, provider=options.provider)
         chain = [FaceAnnotator(analyzer, options.resolution, options.face_index)]
+        if options.faceid_recognizer:
+            chain.append(FaceIdAnnotator(FaceAnalyzer(options.faceid_recognizer, provider=options.provider)))
         if options.landmarker:
             from encoders.face_landmarks import FaceLandmarker
 
-            chain.append(LandmarkAnnotator(FaceLandmarker(options.landmarker, max_faces=1)))
+            chain.append(LandmarkAnnotator(FaceLandmarker(options.landmarker, max_faces=1), head_pose=options.head_pose))
         else:
             self.notes.append("no --landmarker given: samples have no 'landmarks'/'blendshapes' and SMIRK crops "
                               "come from the detector's face box instead of MediaPipe landmarks")
+            for flag in ("head_pose", "local_image", "clip_vision", "face_mask"):
+                if getattr(options, flag):
+                    raise SystemExit(f"--{flag.replace('_', '-')} needs MediaPipe landmarks: give --landmarker too")
         chain.append(SmirkAnnotator(load_smirk_encoder(options.smirk, options.device), options.smirk_channel_order))
+        if options.local_image or options.clip_vision:
+            clip = None
+            if options.clip_vision:
+                from transformers import CLIPVisionModelWithProjection
+
+                clip = CLIPVisionModelWithProjection.from_pretrained(options.clip_vision, local_files_only=True)
+            chain.append(LocalImageAnnotator(clip, device=options.device))
+        if options.emonet:
+            from encoders.emotion import load_emonet
+
+            chain.append(EmotionAnnotator(load_emonet(options.emonet, options.device)))
+        if options.face_mask:
+            chain.append(FaceMaskAnnotator(size=options.mask_size))
         self.vae_config = None
         if options.vae:
             from diffusers import AutoencoderKL
@@ -175,7 +221,39 @@ def encode_sample(sample: Sample, options: Options) -> dict[str, bytes]:
     files = {options.image_format: image.tobytes(), "json": json.dumps(sample.meta).encode()}
     for name, array in sample.arrays.items():
         files[f"{name}.npy"] = npy_bytes(array)
+    for name, rgb in sample.files.items():
+        ok, data = cv2.imencode(Path(name).suffix, np.ascontiguousarray(rgb[:, :, ::-1]))
+        if not ok:
+            raise RuntimeError(f"could not encode {name}")
+        files[name] = data.tobytes()
     return files
+
+
+def read_person_list(path) -> dict[str, str]:
+    """``path,person`` (or tab-separated) lines -> {resolved path: person}; paths relative to the list's folder."""
+    path = Path(path)
+    persons = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split("\t") if "\t" in line else line.rsplit(",", 1)
+        if len(parts) != 2 or not parts[1].strip():
+            raise SystemExit(f"{path} line {number}: expected 'path,person' (or a tab between them); got {line!r}")
+        item = Path(parts[0].strip())
+        persons[str((item if item.is_absolute() else path.parent / item).resolve())] = parts[1].strip()
+    return persons
+
+
+def person_id(item: str, clip: str | None, options: Options, persons: dict[str, str] | None) -> str | None:
+    """The person of an item: the list's entry, else by ``person_from`` (folder name or clip id), else None."""
+    if persons is not None and str(Path(item).resolve()) in persons:
+        return persons[str(Path(item).resolve())]
+    if options.person_from == "folder":
+        return Path(item).parent.name or None
+    if options.person_from == "clip":
+        return clip
+    return None
 
 
 def frames_of(item: str, options: Options) -> Iterator[tuple[dict, np.ndarray | None]]:
@@ -216,6 +294,7 @@ def _init_worker(workers: int) -> None:
 def process_shard(shard_index: int, items: list[str], options: Options) -> dict:
     """Annotate ``items`` into shard ``shard_index``; returns its sidecar record."""
     annotators = _worker_annotators(options)
+    persons = read_person_list(options.person_list) if options.person_list else None
     writer = ShardWriter(Path(options.out) / shard_name(shard_index))
     skipped = []
     try:
@@ -226,14 +305,15 @@ def process_shard(shard_index: int, items: list[str], options: Options) -> dict:
                 if image is None:
                     skipped.append({"source": item, "frame_index": meta["frame_index"], "reason": "corrupt"})
                     continue
-                sample = Sample(image, dict(meta, key=key, source_size=list(image.shape[:2])))
+                person = person_id(item, meta["clip_id"], options, persons)
+                sample = Sample(image, dict(meta, key=key, source_size=list(image.shape[:2]), person_id=person))
                 try:
                     annotators(sample)
                 except SkipSample as skip:
                     skipped.append({"source": item, "frame_index": meta["frame_index"], "reason": skip.reason})
                     continue
-                writer.add(key, encode_sample(sample, options),
-                           {"clip_id": meta["clip_id"], "time_s": meta.get("time_s")} if meta["clip_id"] else None)
+                info = {"clip_id": meta["clip_id"], "time_s": meta.get("time_s")} if meta["clip_id"] else {}
+                writer.add(key, encode_sample(sample, options), info | ({"person_id": person} if person else {}))
     except BaseException:
         writer.abort()
         raise
@@ -246,7 +326,9 @@ def process_shard(shard_index: int, items: list[str], options: Options) -> dict:
 
 def make_plan(items: list[str], options: Options) -> dict:
     shards = [items[k:k + options.items_per_shard] for k in range(0, len(items), options.items_per_shard)]
-    settings = {k: v for k, v in asdict(options).items() if k not in ("out", "provider", "device")}
+    defaults = Options(out="", insightface="", smirk="")
+    settings = {k: v for k, v in asdict(options).items() if k not in ("out", "provider", "device")
+                and not (k in LATER_OPTIONS and v == getattr(defaults, k))}
     return {"settings": settings, "shards": shards}
 
 
@@ -360,8 +442,22 @@ def parse_args(argv=None):
     parser.add_argument("--smirk-channel-order", choices=("RGB", "BGR"), default="RGB")
     parser.add_argument("--video-frame-step", type=int, default=1, help="keep every n-th video frame")
     parser.add_argument("--max-frames-per-clip", type=int, default=0)
-    parser.add_argument("--num-processes", type=int, default=1, help="processes/machines splitting the shards")
-    parser.add_argument("--process-index", type=int, default=0)
+    extra = parser.add_argument_group("optional fields (EmojiDiff / FaceCrafter training)")
+    extra.add_argument("--person-from", choices=("none", "folder", "clip"), default="none",
+                       help="person_id of each sample: the file's parent folder name, or the clip id (default none)")
+    extra.add_argument("--person-list", help="a file of 'path,person' lines giving person_id (overrides --person-from)")
+    extra.add_argument("--faceid-recognizer", help="a second recogniser .onnx (buffalo_l w600k_r50.onnx) -> faceid")
+    extra.add_argument("--head-pose", action="store_true", help="head_pose (yaw, pitch, roll) from MediaPipe")
+    extra.add_argument("--local-image", action="store_true", help="EmojiDiff's local expression image (local.jpg)")
+    extra.add_argument("--clip-vision", help="CLIPVisionModelWithProjection folder: clip_image of the local image")
+    extra.add_argument("--emonet", help="EmoNet checkpoint (emonet_8.pth): emotion (valence, arousal, 8 probabilities)")
+    extra.add_argument("--face-mask", action="store_true", help="face_mask: the filled MediaPipe face oval")
+    extra.add_argument("--mask-size", type=int, default=64, help="face_mask side in cells (default 64)")
+    # Under torchrun / accelerate launch, WORLD_SIZE and RANK give the split without flags.
+    parser.add_argument("--num-processes", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                        help="processes/machines splitting the shards (default: torchrun's WORLD_SIZE, else 1)")
+    parser.add_argument("--process-index", type=int, default=int(os.environ.get("RANK", 0)),
+                        help="this process's index (default: torchrun's RANK, else 0)")
     parser.add_argument("--workers", type=int, default=0, help="local worker processes (0: in this process)")
     parser.add_argument("--max-shards", type=int, default=0, help="stop after this many shards (resume later)")
     parser.add_argument("--no-progress", action="store_true")

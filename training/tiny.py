@@ -94,3 +94,24 @@ def tiny_id_encoder(block: Mapping | None, work_dir):
     torch.manual_seed(seed)
     model = transformers.CLIPTextModel(config).eval().requires_grad_(False)
     return Arc2FaceIDEncoder(model, tokenizer)
+
+
+def tiny_recognizer(dim: int = 16, seed: int = 0):
+    """A stand-in face recogniser: crop (H x W x 3 uint8) -> L2-normalised ``dim`` vector.
+
+    A fixed random projection of the 16 x 16 grey thumbnail: similar crops give similar vectors,
+    which is all a smoke run needs. It is not ArcFace and says nothing about identity.
+    """
+    import numpy as np
+
+    projection = np.random.default_rng(seed).standard_normal((256, dim)).astype(np.float32)
+
+    def recognize(crop) -> np.ndarray:
+        import cv2
+
+        grey = cv2.cvtColor(np.asarray(crop, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
+        thumb = cv2.resize(grey, (16, 16), interpolation=cv2.INTER_AREA).astype(np.float32).reshape(-1)
+        vector = (thumb - thumb.mean()) / (thumb.std() + 1e-6) @ projection
+        return (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
+
+    return recognize

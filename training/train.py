@@ -24,6 +24,7 @@ import torch
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, dump_config, load_config
 from .data import ResumableBatchSampler, collate
+from .demo_data import ensure_demo_data
 from .models import load_host_models
 from .shards import load_index
 from .stages import build_stage
@@ -88,7 +89,10 @@ class Trainer:
         self.config = config
         train = config["train"]
         self.output_dir = Path(config["output_dir"])
+        # cpu=True without CUDA (or Apple's MPS): torchrun / accelerate launch then give MULTI_CPU (gloo) with
+        # gradients averaged across processes; without it accelerate falls back to independent single-process runs.
         self.accelerator = Accelerator(
+            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
             mixed_precision=train["mixed_precision"],
             gradient_accumulation_steps=int(train["gradient_accumulation_steps"]),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir)),
@@ -107,6 +111,9 @@ class Trainer:
         torch.manual_seed(int(config["seed"]))
 
         data_cfg = config["data"]
+        if accelerator.is_main_process:
+            ensure_demo_data(config)
+        accelerator.wait_for_everyone()
         records = load_index(data_cfg["shards"])
         cached = bool(data_cfg["use_cached_latents"])
         self.host = load_host_models(config, device, weight_dtype(train["mixed_precision"], device), need_vae=not cached)
