@@ -10,9 +10,9 @@ import copy
 import pytest
 import torch
 
+from adapters.diffusers_host import ReferenceBank, attach_adapters
 from adapters.lora import ReferenceLora
 from tiny_unets import CONTEXT_DIM, random_reference_lora_state
-from adapters.diffusers_host import ReferenceBank, attach_adapters
 from two_hosts import Hosts
 
 pytestmark = pytest.mark.comfyui

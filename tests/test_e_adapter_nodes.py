@@ -18,7 +18,6 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.e_adapter import EAdapter
 from e_adapter_standins import write_published
 from encoders.identity import DETECTOR_FILE
 from onnx_face_models import DET_SIZE, export_detector, export_recognizer

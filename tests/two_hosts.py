@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tiny_unets import CONTEXT_DIM, comfy_model, diffusers_unet, sdxl_added_conditions
 from adapters.diffusers_host import attach_adapters
+from tiny_unets import CONTEXT_DIM, comfy_model, diffusers_unet, sdxl_added_conditions
 
 
 class Hosts:

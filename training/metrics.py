@@ -154,9 +154,9 @@ IDI_MAX_EXP_MEAN = 0.05
 IDI_MAX_LMS = 0.18
 
 
-def idi_keep(exp_mean: float, lms: float, max_exp_mean: float = IDI_MAX_EXP_MEAN, max_lms: float = IDI_MAX_LMS) -> bool:
+def idi_keep(exp: float, lms: float, max_exp_mean: float = IDI_MAX_EXP_MEAN, max_lms: float = IDI_MAX_LMS) -> bool:
     """Whether an IDI pair passes: Exp mean <= 0.05 and LMS <= 0.18; either above drops it."""
-    values = (float(exp_mean), float(lms))
+    values = (float(exp), float(lms))
     if not all(math.isfinite(v) for v in values):
         return False
     return values[0] <= max_exp_mean and values[1] <= max_lms
