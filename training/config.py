@@ -116,7 +116,8 @@ DEFAULTS: dict[str, Any] = {
 
 # Keys whose values are free-form blocks (model constructor arguments), not checked key by key.
 FREE_BLOCKS = {("model", "tiny_unet"), ("model", "tiny_vae"), ("model", "tiny_id_encoder"), ("model", "tiny_text_encoder"),
-               ("emojidiff", "standin_published"), ("emojidiff", "tiny_arcface"), ("emojidiff", "tiny_fan")}
+               ("emojidiff", "standin_published"), ("emojidiff", "tiny_arcface"), ("emojidiff", "tiny_fan"),
+               ("idi", "tiny_clip_vision")}
 PATH_KEYS = [("model", "unet"), ("model", "vae"), ("model", "scheduler"), ("model", "id_encoder"),
              ("model", "tokenizer"), ("adapter", "init"), ("reference_lora", "expression_adapter"),
              *EMOJIDIFF_PATH_KEYS]

@@ -56,6 +56,7 @@ IDI_DEFAULTS = {
     "swapper_model": None,
     "insightface": None,  # a buffalo_l folder (detector + w600k_r50) for the swapper's faces
     "clip_vision": None,  # CLIPVisionModelWithProjection folder: the embedding of a synthetic reference
+    "tiny_clip_vision": None,  # smoke runs and tests: the demo set's random stand-in ({seed})
     "landmarker": None,  # MediaPipe face_landmarker.task (Exp and LMS of the filter; the local image)
     "synthetic_role": "reference",  # reference (spec A2's reading: R = the synthetic image) | target
     "max_exp_mean": 0.05,

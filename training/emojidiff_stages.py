@@ -449,6 +449,14 @@ class EmojiDiffICAStage(EmojiDiffRefinedStage):
         return vae.decode((latents / self.host.latent_scale + self.host.latent_shift).to(dtype)).sample.float()
 
     def loss(self, module, batch, generator, dropout: bool = True) -> torch.Tensor:
+        terms = self.terms(module, batch, generator, dropout)
+        weighted_id, weighted_exp = float(self.cfg["id_weight"]) * terms["loss_id"], float(self.cfg["exp_weight"]) * terms["loss_exp"]
+        self.last_terms = {"loss_sd": float(terms["loss_sd"].detach()), "loss_id_weighted": float(weighted_id.detach()),
+                           "loss_exp_weighted": float(weighted_exp.detach())}
+        return terms["loss_sd"] + weighted_id + weighted_exp
+
+    def terms(self, module, batch, generator, dropout: bool = True) -> dict[str, torch.Tensor]:
+        """L_sd, L_id and L_exp (unweighted) of one draw."""
         from .differentiable_faces import fan_landmarks, identity_loss, warp_faces
         from .losses import ani_latent, wing_loss
 
@@ -484,10 +492,7 @@ class EmojiDiffICAStage(EmojiDiffRefinedStage):
         with torch.no_grad():
             target_points = points(expression_teacher)
         loss_exp = wing_loss(points(current), target_points, float(cfg["wing_width"]), float(cfg["wing_epsilon"]))
-        weighted_id, weighted_exp = float(cfg["id_weight"]) * loss_id, float(cfg["exp_weight"]) * loss_exp
-        self.last_terms = {"loss_sd": float(loss_sd.detach()), "loss_id_weighted": float(weighted_id.detach()),
-                           "loss_exp_weighted": float(weighted_exp.detach())}
-        return loss_sd + weighted_id + weighted_exp
+        return {"loss_sd": loss_sd, "loss_id": loss_id, "loss_exp": loss_exp}
 
 
 # -- face geometry and stand-in networks of ICA --------------------------------------------------------
