@@ -294,6 +294,18 @@ class EmojiDiffBaseStage(ExpressionAdapterStage):
     def sdxl(self) -> bool:
         return self.layout is SDXL
 
+    def trainable_state(self, module) -> dict[str, torch.Tensor]:
+        """Only the trained tensors: the frozen ID K/V (340 M values on SDXL) never change, so checkpoints skip them."""
+        names = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+        return {key: value for key, value in module.state_dict().items() if key in names}
+
+    def load_trainable_state(self, module, state) -> None:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        trained = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+        if unexpected or set(missing) & trained:
+            raise ValueError(f"the checkpoint does not fit this stage's adapter: unexpected {unexpected[:4]}, "
+                             f"missing {sorted(set(missing) & trained)[:4]}")
+
     def build_dataset(self, records, data_cfg: Mapping):
         from .pair_samplers import PartnerDataset, same_person_other_expression, sample_table
 
@@ -420,6 +432,9 @@ class EmojiDiffICAStage(EmojiDiffRefinedStage):
             raise ValueError("ANI (EmojiDiff Eq. 6) is written for epsilon prediction; this scheduler predicts "
                              f"{host.noise_scheduler.config.prediction_type}")
         cfg = self.cfg
+        if cfg["random_scale"] is not None:
+            raise ValueError("emojidiff_ica aligns its face crops by D's stored landmarks, which random scaling would move: "
+                             "set emojidiff.random_scale to null")
         faceid, image = published_files(cfg, host.unet, config["output_dir"])
         teacher = EAdapter.from_file(cfg["exp_teacher"]) if cfg["exp_teacher"] else copy.deepcopy(self.module.adapter)
         self.exp_teacher = frozen(teacher, device)
