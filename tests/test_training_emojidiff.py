@@ -136,7 +136,7 @@ def test_ica_training_lowers_l_sd_and_descent_lowers_its_face_terms(demo, base_e
         return 0.08 * terms["loss_id"] + 10 * terms["loss_exp"]
 
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-    start = float(face_terms())
+    start = float(face_terms().detach())
     for _ in range(5):
         optimizer.zero_grad()
         face_terms().backward()
