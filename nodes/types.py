@@ -33,3 +33,5 @@ EmotionType = io.Custom("EMOTION")
 SmirkModelType = io.Custom("SMIRK_MODEL")
 FaceLandmarkerType = io.Custom("FACE_LANDMARKER")
 EmoNetType = io.Custom("EMONET")
+# FaceCrafter's LMK/EMO control modules: an ``adapters.facecrafter.FaceCrafter``.
+FaceCrafterType = io.Custom("FACECRAFTER")

@@ -98,3 +98,18 @@ def test_reference_lora_stage_trains_on_two_processes(demo, tmp_path):
     assert_synchronised(records, 2)
     lora = ReferenceLora.from_file(run / "pytorch_lora_weights.safetensors")
     assert lora.rank == 4
+
+
+def test_emojidiff_ica_stage_trains_on_two_processes(demo, tmp_path):
+    """EmojiDiff's heaviest stage (teachers, decoder, face networks beside the trained adapter) under gloo."""
+    from adapters.e_adapter import EAdapter
+
+    if "clip_image.npy" not in json.loads(demo.read_text())["fields"]:
+        pytest.skip("the demo set has no EmojiDiff fields: they need the cached MediaPipe model")
+    run = tmp_path / "run"
+    records = launch(tmp_path / "records", f"data.shards={demo}", f"output_dir={run}", "stage=emojidiff_ica",
+                     "model.tiny_text_encoder={seed: 0}", "emojidiff.standin_published={seed: 0}",
+                     "emojidiff.tiny_arcface={seed: 0}", "emojidiff.tiny_fan={seed: 0}", "export.file=e_adapter.safetensors",
+                     "train.max_steps=2", "checkpointing.every_steps=0")
+    assert_synchronised(records, 2)
+    assert EAdapter.from_file(run / "e_adapter.safetensors").layout.name == "SD1.5"

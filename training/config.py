@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .emojidiff_config import EMOJIDIFF_DEFAULTS, EMOJIDIFF_PATH_KEYS, IDI_DEFAULTS, validate_emojidiff
+
 DEFAULTS: dict[str, Any] = {
     "stage": "expression_adapter",
     "output_dir": "runs/expression_adapter",
@@ -31,6 +33,12 @@ DEFAULTS: dict[str, Any] = {
         "id_encoder": None,
         "tokenizer": None,
         "tiny_id_encoder": None,
+        # EmojiDiff stages: the base model's text encoder(s) (CLIPTextModel folders; SDXL adds its second,
+        # CLIPTextModelWithProjection, and tokenizer), or `tiny_text_encoder` (smoke runs and tests).
+        "text_encoder": None,
+        "text_encoder_2": None,
+        "tokenizer_2": None,
+        "tiny_text_encoder": None,
     },
     "adapter": {
         "projection": "mlp",  # "mlp" (published: Linear-GELU-Linear + LayerNorm) or "linear"
@@ -46,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
         "expression_adapter": None,  # the trained Expression Adapter (frozen in this stage)
         "pair_window_seconds": 2.0,
     },
+    # EmojiDiff's E-Adapter stages (training/emojidiff_stages.py; spec A2).
+    "emojidiff": EMOJIDIFF_DEFAULTS,
+    "idi": IDI_DEFAULTS,
     "data": {
         "shards": None,  # a manifest.json written by training.prepare, a shard folder, or a glob of .tar
         "resolution": 512,
@@ -104,9 +115,12 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Keys whose values are free-form blocks (model constructor arguments), not checked key by key.
-FREE_BLOCKS = {("model", "tiny_unet"), ("model", "tiny_vae"), ("model", "tiny_id_encoder")}
+FREE_BLOCKS = {("model", "tiny_unet"), ("model", "tiny_vae"), ("model", "tiny_id_encoder"), ("model", "tiny_text_encoder"),
+               ("emojidiff", "standin_published"), ("emojidiff", "tiny_arcface"), ("emojidiff", "tiny_fan"),
+               ("idi", "tiny_clip_vision")}
 PATH_KEYS = [("model", "unet"), ("model", "vae"), ("model", "scheduler"), ("model", "id_encoder"),
-             ("model", "tokenizer"), ("adapter", "init"), ("reference_lora", "expression_adapter")]
+             ("model", "tokenizer"), ("adapter", "init"), ("reference_lora", "expression_adapter"),
+             *EMOJIDIFF_PATH_KEYS]
 
 
 class ConfigError(ValueError):
@@ -177,11 +191,15 @@ def validate(config: Mapping, check_paths: bool = True) -> None:
     model, train, data = config["model"], config["train"], config["data"]
     if train["mixed_precision"] is False:  # YAML 1.1 reads an unquoted `no` as false
         train["mixed_precision"] = "no"
-    if config["stage"] not in ("expression_adapter", "reference_lora"):
-        raise ConfigError(f"stage must be expression_adapter or reference_lora; got {config['stage']!r}")
+    from .stages import STAGES
+
+    if config["stage"] not in STAGES:
+        raise ConfigError(f"stage must be one of {', '.join(STAGES)}; got {config['stage']!r}")
     if (model["unet"] is None) == (model["tiny_unet"] is None):
         raise ConfigError("set exactly one of model.unet (a diffusers UNet folder) and model.tiny_unet (a random tiny UNet)")
-    if model["id_encoder"] is None and model["tiny_id_encoder"] is None:
+    if config["stage"].startswith("emojidiff"):
+        validate_emojidiff(config, ConfigError)
+    elif model["id_encoder"] is None and model["tiny_id_encoder"] is None:
         raise ConfigError("set model.id_encoder (Arc2Face's encoder/ folder) with model.tokenizer, or model.tiny_id_encoder")
     if model["id_encoder"] is not None and model["tokenizer"] is None:
         raise ConfigError("model.id_encoder needs model.tokenizer: an SD1.5 CLIP tokenizer folder (vocab.json, merges.txt)")

@@ -7,8 +7,10 @@ a fresh clone. It is a CPU check of the code paths, not training data:
 - faces: fixed crops around the six faces of insightface's ``t1.jpg``, ``Tom_Hanks_54745.png`` and
   scikit-image's astronaut, each also mirrored (the mirror is the same person: ``person_id``, and the
   two form a two-frame clip, ``clip_id``, for stages that pair frames of a clip);
-- ``id``: a stand-in recogniser (:func:`training.tiny.tiny_recognizer`: a fixed random projection
-  of the downsampled crop), not ArcFace;
+- ``id`` and EmojiDiff's 512-d ``faceid``: a stand-in recogniser (:func:`training.tiny.tiny_recognizer`: a
+  fixed random projection of the downsampled crop), not ArcFace;
+- EmojiDiff's ``local.jpg`` and ``clip_image`` (with the landmarks): the real local-image cut, embedded by a
+  random tiny CLIP vision model (:func:`training.tiny.tiny_clip_vision`, a stand-in);
 - ``flame``: SMIRK's expression-encoder architecture with random weights (a stand-in);
 - ``landmarks`` / ``blendshapes`` / ``head_pose`` / ``face_mask``: the real MediaPipe model where it
   is cached on this machine (:func:`find_face_landmarker`), else left out and said so in the notes;
@@ -31,6 +33,7 @@ from .annotate import (
     FaceMaskAnnotator,
     LandmarkAnnotator,
     LatentAnnotator,
+    LocalImageAnnotator,
     Sample,
     SkipSample,
     SmirkAnnotator,
@@ -115,13 +118,14 @@ def demo_faces(resolution: int) -> list[tuple[np.ndarray, dict]]:
 class StandInIdentity:
     """``id`` from :func:`training.tiny.tiny_recognizer` (a stand-in: not an ArcFace embedding)."""
 
-    def __init__(self, dim: int, seed: int = 0):
+    def __init__(self, dim: int, seed: int = 0, field: str = "id"):
         from .tiny import tiny_recognizer
 
         self.recognize = tiny_recognizer(dim, seed)
+        self.field = field
 
     def __call__(self, sample: Sample) -> None:
-        sample.arrays["id"] = self.recognize(sample.crop)
+        sample.arrays[self.field] = self.recognize(sample.crop)
 
 
 def build_demo_data(out, config: Mapping, items_per_shard: int = 4) -> dict:
@@ -131,7 +135,7 @@ def build_demo_data(out, config: Mapping, items_per_shard: int = 4) -> dict:
     from encoders.smirk import SmirkExpressionEncoder
 
     from .prepare import Options, encode_sample, finish
-    from .tiny import tiny_vae
+    from .tiny import tiny_clip_vision, tiny_vae
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +145,7 @@ def build_demo_data(out, config: Mapping, items_per_shard: int = 4) -> dict:
     notes = ["demo data: crops of pictures shipped in insightface and scikit-image, with a stand-in recogniser "
              "(id) and a random-weight SMIRK-shaped encoder (flame); for smoke runs only"]
     torch.manual_seed(0)
-    chain = [StandInIdentity(max(1, id_width // 2))]
+    chain = [StandInIdentity(max(1, id_width // 2)), StandInIdentity(512, seed=1, field="faceid")]
     landmarker_path, landmarker = find_face_landmarker(), None
     if landmarker_path is not None:
         from encoders.face_landmarks import FaceLandmarker
@@ -149,6 +153,8 @@ def build_demo_data(out, config: Mapping, items_per_shard: int = 4) -> dict:
         landmarker = FaceLandmarker(str(landmarker_path), max_faces=1)
         chain.append(LandmarkAnnotator(landmarker, head_pose=True))
         chain.append(FaceMaskAnnotator())
+        # EmojiDiff's fields: the local image, with a tiny random CLIP vision model's 1024-d embedding of it
+        chain.append(LocalImageAnnotator(tiny_clip_vision({"seed": 0})))
         notes.append(f"landmarks, blendshapes, head pose and face-oval masks from the real MediaPipe model {landmarker_path}")
     else:
         notes.append("no cached MediaPipe face_landmarker.task: no landmarks/blendshapes in the demo set")

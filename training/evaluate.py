@@ -354,7 +354,8 @@ def parse_args(argv=None):
     parser.add_argument("--liqe-weights", help="pyiqa's LIQE weights file (EmojiDiff's IQ column; needs pip install pyiqa)")
     parser.add_argument("--lpips-backbone", help="torchvision alexnet weights file (LPIPS diversity between samples "
                         "of one identity; entries name their identity with 'identity' or 'identity_image')")
-    parser.add_argument("--paper-table", choices=("emojidiff", "facecrafter"),
+    parser.add_argument("--paper-table", choices=("emojidiff", "emojidiff-anime", "emojidiff-painting", "emojidiff-stages",
+                                                  "facecrafter"),
                         help="print the paper's Table 1 rows beside ours, with what differs in our metrics")
     parser.add_argument("--pair-by", choices=("name", "order"), default="name")
     parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")

@@ -29,7 +29,7 @@ SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end"
 class HostModels:
     unet: torch.nn.Module
     noise_scheduler: object
-    id_encoder: object
+    id_encoder: object | None
     vae: torch.nn.Module | None
     latent_scale: float
     latent_shift: float
@@ -88,8 +88,10 @@ def load_host_models(config: Mapping, device, dtype, need_vae: bool) -> HostMode
         raise ValueError("this run encodes images with the VAE (no cached latents), but model.vae is not set")
     scale = float(vae.config.scaling_factor) if vae is not None else 0.18215
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0) if vae is not None else 0.0
-    id_encoder = load_id_encoder(model_cfg, config["output_dir"], device, dtype)
-    if id_encoder.hidden_size != unet.config.cross_attention_dim:
+    # EmojiDiff's stages condition on text, not on Arc2Face's ID encoder: they load their text encoders themselves
+    has_id_encoder = model_cfg.get("id_encoder") is not None or model_cfg.get("tiny_id_encoder") is not None
+    id_encoder = load_id_encoder(model_cfg, config["output_dir"], device, dtype) if has_id_encoder else None
+    if id_encoder is not None and id_encoder.hidden_size != unet.config.cross_attention_dim:
         raise ValueError(f"the ID encoder gives {id_encoder.hidden_size}-d tokens but the UNet's cross-attention "
                          f"reads {unet.config.cross_attention_dim}-d ones; they are not a matching pair")
     return HostModels(unet, load_noise_scheduler(model_cfg.get("scheduler")), id_encoder, vae, scale, shift)

@@ -41,7 +41,32 @@ FACECRAFTER_NOTES = [
     "RMSEs: root of the mean squared l2 distance per picture (the paper does not give its reduction, spec F9)",
 ]
 
+# Table 1's anime and ink-painting columns, and Tables 2 (SD1.5 and SDXL) and 3 (ID / Exp / LMS; IQ not given: nan).
+EMOJIDIFF_ANIME_ROWS = {
+    "FaceAdapter": (0.095, 4.853, 0.109, 0.467), "X-Portrait": (0.188, 4.142, 0.066, 0.335),
+    "LivePortrait": (0.262, 4.843, 0.116, 0.551), "OpenPose": (0.162, 4.741, 0.142, 0.698),
+    "MediaPipe": (0.087, 4.713, 0.149, 0.671), "Arc2Face": (0.097, 4.630, 0.163, 0.713),
+    "FineFace": (0.090, 4.423, 0.156, 0.700), "EmojiDiff": (0.304, 4.910, 0.095, 0.359),
+}
+EMOJIDIFF_PAINTING_ROWS = {
+    "FaceAdapter": (0.146, 4.747, 0.072, 0.348), "X-Portrait": (0.332, 3.668, 0.062, 0.291),
+    "LivePortrait": (0.419, 4.749, 0.087, 0.426), "OpenPose": (0.326, 4.484, 0.121, 0.507),
+    "MediaPipe": (0.287, 4.476, 0.130, 0.524), "Arc2Face": (0.146, 4.349, 0.141, 0.609),
+    "FineFace": (0.297, 3.813, 0.142, 0.624), "EmojiDiff": (0.469, 4.756, 0.078, 0.256),
+}
+NAN = float("nan")
+EMOJIDIFF_STAGE_ROWS = {
+    "SD1.5 baseline": (0.265, NAN, 0.113, 0.447), "SD1.5 Base E-Adapter": (0.127, NAN, 0.065, 0.283),
+    "SD1.5 + Restruct image": (0.263, NAN, 0.080, 0.362), "SD1.5 + IDI (refined)": (0.295, NAN, 0.087, 0.355),
+    "SD1.5 + IDI + ICA": (0.304, NAN, 0.095, 0.359), "SDXL baseline": (0.432, NAN, 0.093, 0.454),
+    "SDXL + IDI": (0.465, NAN, 0.072, 0.338), "SDXL + IDI + ICA": (0.493, NAN, 0.069, 0.341),
+}
+
 TABLES = {"emojidiff": (EMOJIDIFF_COLUMNS, EMOJIDIFF_ROWS, EMOJIDIFF_NOTES),
+          "emojidiff-anime": (EMOJIDIFF_COLUMNS, EMOJIDIFF_ANIME_ROWS, ["paper: anime-style columns of Table 1 (SD1.5)"]),
+          "emojidiff-painting": (EMOJIDIFF_COLUMNS, EMOJIDIFF_PAINTING_ROWS, ["paper: ink-painting columns of Table 1 (SD1.5)"]),
+          "emojidiff-stages": (EMOJIDIFF_COLUMNS, EMOJIDIFF_STAGE_ROWS,
+                               ["paper: Tables 2 and 3 (the ablations, probably scored on anime; IQ not reported)"]),
           "facecrafter": (FACECRAFTER_COLUMNS, FACECRAFTER_ROWS, FACECRAFTER_NOTES)}
 
 
@@ -59,7 +84,7 @@ def paper_table(kind: str, summary: Mapping) -> str:
     columns, rows, notes = TABLES[kind]
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, values in rows.items():
-        lines.append(f"| {name} (paper) | " + " | ".join(f"{v:g}" for v in values) + " |")
+        lines.append(f"| {name} (paper) | " + " | ".join("" if v != v else f"{v:g}" for v in values) + " |")
     mine = [ours(summary["metrics"], key) for key in columns.values()]
     lines.append("| ours | " + " | ".join("" if v is None else f"{v:.4g}" for v in mine) + " |")
     missing = [label for label, v in zip(columns, mine, strict=True) if v is None]

@@ -18,7 +18,8 @@ import torch
 def denoise(unet, noise_scheduler_config, cond, uncond, latent_shape, steps: int = 25, guidance: float = 3.0,
             generator: torch.Generator | None = None, extra: Mapping | None = None) -> torch.Tensor:
     """Latents from noise. ``cond``/``uncond``: (context B x 77 x D, {adapter name: tokens B x T x D});
-    ``extra``: more attention keyword arguments for the [uncond, cond] batch (the reference bank)."""
+    ``extra``: more attention keyword arguments for the [uncond, cond] batch (the reference bank), and under
+    ``added_cond_kwargs`` SDXL's pooled text and time ids for that batch."""
     from diffusers import DPMSolverMultistepScheduler
 
     scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler_config, algorithm_type="dpmsolver++")
@@ -28,10 +29,12 @@ def denoise(unet, noise_scheduler_config, cond, uncond, latent_shape, steps: int
     latents = latents.to(parameter.device) * scheduler.init_noise_sigma
     context = torch.cat([uncond[0], cond[0]]).to(parameter.dtype)
     tokens = {name: torch.cat([uncond[1][name], cond[1][name]]).to(parameter.dtype) for name in cond[1]}
+    extra = dict(extra or {})
+    added = extra.pop("added_cond_kwargs", None)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         prediction = unet(model_input.to(parameter.dtype), t, encoder_hidden_states=context,
-                          cross_attention_kwargs={"adapter_tokens": tokens, **(extra or {})}).sample.float()
+                          cross_attention_kwargs={"adapter_tokens": tokens, **extra}, added_cond_kwargs=added).sample.float()
         unconditional, conditional = prediction.chunk(2)
         guided = unconditional + guidance * (conditional - unconditional)
         latents = scheduler.step(guided, t, latents).prev_sample

@@ -278,6 +278,7 @@ class ReferenceLoraStage(ExpressionAdapterStage):
 
 
 STAGES = {"expression_adapter": ExpressionAdapterStage, "reference_lora": ReferenceLoraStage}
+from . import emojidiff_stages  # noqa: E402,F401 - adds EmojiDiff's stages to STAGES (they build on the classes above)
 
 
 def build_stage(config: Mapping, host: HostModels, device) -> Stage:

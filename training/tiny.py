@@ -115,3 +115,14 @@ def tiny_recognizer(dim: int = 16, seed: int = 0):
         return (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
 
     return recognize
+
+
+def tiny_clip_vision(block: Mapping | None = None):
+    """A random tiny ``CLIPVisionModelWithProjection`` with IP-Adapter ViT-H's 1024-d ``image_embeds`` (a stand-in)."""
+    import transformers
+
+    options = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "image_size": 32, "patch_size": 8, "projection_dim": 1024} | dict(block or {})
+    seed = int(options.pop("seed", 0))
+    torch.manual_seed(seed)
+    return transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**options)).eval()

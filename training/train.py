@@ -72,8 +72,8 @@ def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
 
 def count_parameters(stage) -> tuple[int, int]:
     """(trainable, total) over the stage's module and every frozen model it runs, each tensor once."""
-    modules = [stage.module, stage.host.unet, stage.host.id_encoder.text_model, stage.host.vae,
-               getattr(stage.module, "adapter", None)]
+    modules = [stage.module, stage.host.unet, getattr(stage.host.id_encoder, "text_model", None), stage.host.vae,
+               getattr(stage.module, "adapter", None), *getattr(stage, "frozen_modules", ())]
     seen = {id(p): p for module in modules if module is not None for p in module.parameters()}
     trainable = sum(p.numel() for p in stage.module.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in seen.values())
@@ -236,6 +236,8 @@ class Trainer:
                     if writer is not None and self.step % int(log_cfg["every_steps"]) == 0:
                         writer.add_scalar("train/loss", step_loss, self.step)
                         writer.add_scalar("train/lr", self.lr_scheduler.get_last_lr()[0], self.step)
+                        for name, value in getattr(self.stage, "last_terms", {}).items():  # a stage's loss terms
+                            writer.add_scalar(f"train/{name}", value, self.step)
                 if int(ckpt["every_steps"]) and self.step % int(ckpt["every_steps"]) == 0 and self.step < max_steps:
                     self.save()
                 if int(sampling["every_steps"]) and self.step % int(sampling["every_steps"]) == 0 and accelerator.is_main_process:

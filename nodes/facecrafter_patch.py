@@ -1,0 +1,119 @@
+"""ComfyUI host for FaceCrafter: ``attn2`` replaces adding the LMK/EMO branches with per-chunk switches.
+
+Which chunks of a batch get a branch comes from ``transformer_options["facecrafter_switches"]``
+({conditioning index: (alpha_LMK, alpha_EMO)}) when the FaceCrafter Guider runs the model, and from
+:data:`adapters.facecrafter.CFG_SWITCHES` otherwise (a plain sampler: branches on for the
+conditional rows, off for the unconditional ones). ComfyUI passes each chunk's conditioning index in
+``cond_or_uncond``, in whatever order it batched them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters.facecrafter import CFG_SWITCHES, MODULE_NAMES, per_row_tokens, row_alphas, switched_branch
+from .attention_host import COND, attention_before
+from .cross_attention_patch import SigmaGate, check_model_fits
+
+SWITCHES_KEY = "facecrafter_switches"
+APPLICATIONS_KEY = "facecrafter"  # model_options entry listing the FaceCrafter applications on a model
+
+
+class FaceCrafterTokens:
+    """One application: the modules' tokens (computed once, at apply time), strengths and a K/V cache.
+
+    Keys/values per layer are projected at the first step of a sampling run and reused at every
+    step; the cache is emptied around each run (``OUTER_SAMPLE``), so nothing stays on the GPU after.
+    """
+
+    def __init__(self, crafter, tokens: dict[str, torch.Tensor | None], strengths: dict[str, float], gate: SigmaGate):
+        self.crafter = crafter
+        self.tokens = {name: None if t is None else t.detach() for name, t in tokens.items()}
+        self.strengths = strengths
+        self.gate = gate
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.projections = 0  # how many K/V projections ran (tests check: once per layer and run)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def active_modules(self) -> tuple[str, ...]:
+        return tuple(name for name in MODULE_NAMES if self.tokens.get(name) is not None and self.strengths[name] != 0.0)
+
+    def sampling_wrapper(self, executor, *args, **kwargs):
+        self._cache.clear()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self._cache.clear()
+
+    def keys_values(self, name: str, layer, query: torch.Tensor, chunks: int, chunk: int):
+        cache_key = (name, layer.comfy_key, query.device, query.dtype, chunks, chunk)
+        if cache_key not in self._cache:
+            what = "landmark image" if name == "lmk" else "emotion"
+            tokens = per_row_tokens(self.tokens[name], chunks, chunk, what).to(query.device, query.dtype)
+            with torch.no_grad():
+                self._cache[cache_key] = getattr(self.crafter, name).branch(layer).keys_values(tokens)
+            self.projections += 1
+        return self._cache[cache_key]
+
+
+class FaceCrafterPatch:
+    """The ``attn2`` replace for one layer: the previous attention (ID) plus the switched LMK/EMO branches."""
+
+    def __init__(self, tokens: FaceCrafterTokens, layer, previous=None):
+        self.tokens = tokens
+        self.layer = layer
+        self.previous = previous
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        out = attention_before(self.previous, q, k, v, extra_options)
+        if not self.tokens.gate.active(extra_options):
+            return out
+        chunk_indices = extra_options.get("cond_or_uncond") or [COND]
+        switches = extra_options.get(SWITCHES_KEY, CFG_SWITCHES)
+        chunk = q.shape[0] // len(chunk_indices)
+        for module, name in enumerate(MODULE_NAMES):
+            if name not in self.tokens.active_modules:
+                continue
+            alphas = row_alphas(chunk_indices, chunk, switches, module, self.tokens.strengths[name])
+            if any(alphas):
+                key, value = self.tokens.keys_values(name, self.layer, q, len(chunk_indices), chunk)
+                out = switched_branch(out, q, key, value, extra_options["n_heads"], alphas)
+        return out
+
+
+def check_facecrafter_fits(crafter, model) -> None:
+    """Refuse models that are not Arc2Face/SD1.5-shaped, naming FaceCrafter's base model."""
+    for module in crafter.modules_present().values():
+        try:
+            check_model_fits(module, model)
+        except ValueError as error:
+            raise ValueError(f"FaceCrafter is built on Arc2Face (SD1.5) and cannot patch this model: {error}") from None
+
+
+def apply_facecrafter(model, crafter, landmark_tokens=None, emotion_tokens=None, lmk_strength: float = 1.0,
+                      emo_strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0):
+    """A clone of ``model`` with FaceCrafter's branches on its layers, stacked on existing ``attn2`` replaces."""
+    from comfy.patcher_extension import WrappersMP
+
+    check_facecrafter_fits(crafter, model)
+    patched = model.clone()
+    gate = SigmaGate.from_percents(patched, 1.0, start_at, end_at)
+    tokens = FaceCrafterTokens(crafter, {"lmk": landmark_tokens, "emo": emotion_tokens},
+                               {"lmk": float(lmk_strength), "emo": float(emo_strength)}, gate)
+    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    layers = {layer.comfy_key: layer for module in crafter.modules_present().values() for layer in module.layers}
+    for key, layer in layers.items():
+        patched.set_model_attn2_replace(FaceCrafterPatch(tokens, layer, previous=existing.get(key)), *key)
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, f"expression_adapters.facecrafter.{id(tokens)}", tokens.sampling_wrapper)
+    patched.model_options[APPLICATIONS_KEY] = (*patched.model_options.get(APPLICATIONS_KEY, ()), tokens)
+    return patched
+
+
+def facecrafter_applications(model) -> tuple[FaceCrafterTokens, ...]:
+    return tuple(model.model_options.get(APPLICATIONS_KEY, ()))

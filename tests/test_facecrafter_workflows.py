@@ -1,0 +1,155 @@
+"""FaceCrafter's workflows: each validates against ComfyUI's own node definitions (``execution.validate_prompt``);
+one (facecrafter_emotion) also runs headless on full-size random weights.
+
+The validation uses empty placeholder files for every model and input file the workflows name, so
+it checks node names, input names, socket types, links and widget values, not weights. The
+headless run costs about 12 GB (full-size SD1.5 stand-ins from ``official_files``); it is
+the only one of these workflows run that way (the others need MediaPipe, EmoNet and insightface
+models the stand-in folder lacks; their nodes are covered by their own tests on tiny models).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from workflows import run
+
+pytestmark = pytest.mark.comfyui
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+FACECRAFTER_WORKFLOWS = sorted(WORKFLOWS.glob("facecrafter_*_api.json"))
+MODEL_FILES = {
+    "diffusion_models": "arc2face/diffusion_pytorch_model.safetensors",
+    "vae": "sd-vae-ft-mse/diffusion_pytorch_model.safetensors",
+    "expression_adapters": ["facecrafter.safetensors", "exp_adapter.bin"],
+    "mediapipe": "face_landmarker.task",
+    "emotion": "emonet_8.pth",
+}
+INPUT_FILES = ("arc2face_person.jpg", "facecrafter_target.jpg", "facecrafter_driving.mp4")
+
+
+@pytest.fixture(scope="module")
+def placeholders(comfy, tmp_path_factory):
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("placeholders")
+    for folder, names in MODEL_FILES.items():
+        for name in [names] if isinstance(names, str) else names:
+            path = root / folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        folder_paths.add_model_folder_path(folder, str(root / folder))
+    encoder = root / "arc2face" / "encoder"
+    encoder.mkdir(parents=True)
+    (encoder / "config.json").write_text("{}")
+    folder_paths.add_model_folder_path("arc2face", str(root / "arc2face"))
+    input_dir = Path(folder_paths.get_input_directory())
+    input_dir.mkdir(parents=True, exist_ok=True)
+    for name in INPUT_FILES:
+        if not (input_dir / name).exists():
+            if name.endswith(".jpg"):
+                Image.new("RGB", (64, 64)).save(input_dir / name)
+            else:
+                (input_dir / name).write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("api_path", FACECRAFTER_WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_validates_against_comfyui_node_definitions(comfy, placeholders, api_path):
+    import execution
+
+    prompt = json.loads(api_path.read_text())
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    # ComfyUI calls a prompt valid when any output is; every output must be here
+    assert valid and not node_errors, (error, node_errors)
+    output_nodes = {key for key, node in prompt.items() if getattr(comfy.nodes.NODE_CLASS_MAPPINGS[node["class_type"]], "OUTPUT_NODE", False)}
+    assert set(outputs) == output_nodes
+
+
+@pytest.mark.parametrize("api_path", FACECRAFTER_WORKFLOWS, ids=lambda p: p.name)
+def test_ui_form_is_generated_from_the_api_form(comfy, api_path):
+    from workflows import convert
+
+    expected = convert.api_to_ui(json.loads(api_path.read_text()), comfy.nodes.NODE_CLASS_MAPPINGS)
+    assert json.loads(convert.ui_path(api_path).read_text()) == expected, \
+        f"regenerate with: python workflows/convert.py workflows/{api_path.name}"
+
+
+def test_every_workflow_uses_the_facecrafter_nodes_it_is_about():
+    classes = {path.name: {node["class_type"] for node in json.loads(path.read_text()).values()} for path in FACECRAFTER_WORKFLOWS}
+    assert {"ExpressionAdaptersApplyFaceCrafter", "ExpressionAdaptersLoadFaceCrafter"} <= set.intersection(*classes.values())
+    assert "ExpressionAdaptersFaceCrafterGuider" in classes["facecrafter_emotion_api.json"]
+    assert "ExpressionAdaptersEmotionChart" in classes["facecrafter_emotion_api.json"]
+    assert {"ExpressionAdaptersLandmarkPoseEditor", "ExpressionAdaptersApplyExpressionAdapter",
+            "ExpressionAdaptersFlameExpression", "ExpressionAdaptersEmotion"} <= classes["facecrafter_composition_api.json"]
+    animation = json.loads((WORKFLOWS / "facecrafter_animation_api.json").read_text())
+    landmarks = next(node for node in animation.values() if node["class_type"] == "ExpressionAdaptersFaceLandmarks")
+    assert landmarks["inputs"]["running_mode"] == "video"
+    assert "ExpressionAdaptersEmotionFromImage" in classes["facecrafter_animation_api.json"]
+
+
+def full_size_facecrafter(path: Path) -> None:
+    """Default-size modules with every V random too (trained-like), so the branches change the picture."""
+    from adapters.facecrafter import FaceCrafter
+
+    torch.manual_seed(0)
+    crafter = FaceCrafter()
+    with torch.no_grad():
+        for module in crafter.modules_present().values():
+            for branch in module.kv.values():
+                branch.to_v_ip.weight.normal_(0.0, 0.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crafter.save(path)
+
+
+def test_emotion_workflow_runs_headless_and_the_emotion_shows(comfy, tmp_path):
+    """facecrafter_emotion at 64 x 64, 2 steps, on full-size random weights (about 12 GB).
+
+    Stand-in for the identity part: the stand-in folder has no insightface models, so the ID photo ->
+    InsightFace -> Face Embed -> Arc2Face ID Conditioning nodes are replaced by the Arc2Face encoder
+    loaded as a text encoder (as arc2face_expression does); everything FaceCrafter runs as shipped.
+    """
+    import folder_paths
+
+    from official_files import official_models_dir
+
+    models = tmp_path / "models"
+    full_size_facecrafter(models / "expression_adapters" / "facecrafter.safetensors")
+    run.add_model_dirs(official_models_dir())
+    run.add_model_dirs(models)
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    prompt = json.loads((WORKFLOWS / "facecrafter_emotion_api.json").read_text())
+    for node_id in ("1", "2", "3", "4", "5"):
+        del prompt[node_id]
+    prompt["1"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "arc2face/pytorch_model.bin", "type": "stable_diffusion"}}
+    prompt["2"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "photo of a person", "clip": ["1", 0]}}
+    prompt["3"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 0]}}
+    prompt["13"]["inputs"] |= {"positive": ["2", 0], "negative": ["3", 0]}
+    prompt["17"]["inputs"] |= {"width": 64, "height": 64}
+    prompt["16"]["inputs"]["steps"] = 2
+
+    def generate(emo_strength):
+        prompt["12"]["inputs"]["emo_strength"] = emo_strength
+        prompt["20"]["inputs"]["filename_prefix"] = f"emo_{emo_strength}"
+        [path] = run.saved_images(run.execute(prompt))
+        return np.asarray(Image.open(path)).astype(int)
+
+    with_emotion, without = generate(1.0), generate(0.0)
+    assert with_emotion.shape == (64, 64, 3) and with_emotion.std() > 0
+    assert np.abs(with_emotion - without).max() > 0
+
+
+def test_validation_catches_a_miswired_workflow(comfy, placeholders):
+    import execution
+
+    prompt = json.loads((WORKFLOWS / "facecrafter_emotion_api.json").read_text())
+    prompt["13"]["inputs"]["positive"] = ["6", 0]  # an EMOTION into the guider's CONDITIONING
+    valid, _, _, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    assert "return_type_mismatch" in json.dumps(node_errors)
