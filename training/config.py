@@ -13,6 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .facecrafter_config import (
+    FACECRAFTER_DEFAULTS,
+    FACECRAFTER_FREE_BLOCKS,
+    FACECRAFTER_PATH_KEYS,
+    FACECRAFTER_STAGE_NAMES,
+    check_facecrafter,
+)
+
+STAGE_NAMES = ("expression_adapter", "reference_lora", *FACECRAFTER_STAGE_NAMES)
 DEFAULTS: dict[str, Any] = {
     "stage": "expression_adapter",
     "output_dir": "runs/expression_adapter",
@@ -46,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
         "expression_adapter": None,  # the trained Expression Adapter (frozen in this stage)
         "pair_window_seconds": 2.0,
     },
+    "facecrafter": FACECRAFTER_DEFAULTS,
     "data": {
         "shards": None,  # a manifest.json written by training.prepare, a shard folder, or a glob of .tar
         "resolution": 512,
@@ -100,13 +110,14 @@ DEFAULTS: dict[str, Any] = {
     },
     "export": {
         "file": "expression_adapter.safetensors",
+        "id_encoder_folder": "id_encoder",  # facecrafter_joint: the trained ID encoder, for Load Arc2Face ID Encoder
     },
 }
 
 # Keys whose values are free-form blocks (model constructor arguments), not checked key by key.
-FREE_BLOCKS = {("model", "tiny_unet"), ("model", "tiny_vae"), ("model", "tiny_id_encoder")}
+FREE_BLOCKS = {("model", "tiny_unet"), ("model", "tiny_vae"), ("model", "tiny_id_encoder"), *FACECRAFTER_FREE_BLOCKS}
 PATH_KEYS = [("model", "unet"), ("model", "vae"), ("model", "scheduler"), ("model", "id_encoder"),
-             ("model", "tokenizer"), ("adapter", "init"), ("reference_lora", "expression_adapter")]
+             ("model", "tokenizer"), ("adapter", "init"), ("reference_lora", "expression_adapter"), *FACECRAFTER_PATH_KEYS]
 
 
 class ConfigError(ValueError):
@@ -177,8 +188,8 @@ def validate(config: Mapping, check_paths: bool = True) -> None:
     model, train, data = config["model"], config["train"], config["data"]
     if train["mixed_precision"] is False:  # YAML 1.1 reads an unquoted `no` as false
         train["mixed_precision"] = "no"
-    if config["stage"] not in ("expression_adapter", "reference_lora"):
-        raise ConfigError(f"stage must be expression_adapter or reference_lora; got {config['stage']!r}")
+    if config["stage"] not in STAGE_NAMES:
+        raise ConfigError(f"stage must be one of {', '.join(STAGE_NAMES)}; got {config['stage']!r}")
     if (model["unet"] is None) == (model["tiny_unet"] is None):
         raise ConfigError("set exactly one of model.unet (a diffusers UNet folder) and model.tiny_unet (a random tiny UNet)")
     if model["id_encoder"] is None and model["tiny_id_encoder"] is None:
@@ -204,6 +215,7 @@ def validate(config: Mapping, check_paths: bool = True) -> None:
     if config["stage"] == "reference_lora" and not config["reference_lora"]["expression_adapter"]:
         raise ConfigError("stage reference_lora trains with the Expression Adapter frozen: set reference_lora.expression_adapter "
                           "to the file stage 1 exported")
+    check_facecrafter(config, ConfigError)
     if config["adapter"]["projection"] not in ("mlp", "linear"):
         raise ConfigError(f"adapter.projection must be mlp or linear; got {config['adapter']['projection']!r}")
     if not check_paths:
