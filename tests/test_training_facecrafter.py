@@ -260,3 +260,69 @@ def test_config_refuses_impossible_facecrafter_settings(manifest, tmp_path):
         config_for("facecrafter_joint", manifest, tmp_path, "train.gradient_checkpointing=true")
     with pytest.raises(ConfigError, match="facecrafter.partner"):
         config_for("facecrafter_lmk", manifest, tmp_path, "facecrafter.partner=other")
+
+
+def use_folders(patch, name: str, *paths) -> None:
+    """Make ComfyUI's registered model folder ``name`` exactly ``paths`` (undone by ``patch``)."""
+    import folder_paths
+
+    extensions = folder_paths.folder_names_and_paths[name][1]
+    patch.setitem(folder_paths.folder_names_and_paths, name, ([str(path) for path in paths], extensions))
+
+
+@pytest.mark.comfyui
+def test_joint_exports_load_in_comfyui_change_its_output_and_drive_the_guider(comfy, manifest, tmp_path, monkeypatch):
+    import comfy.samplers as samplers
+    from tiny_facecrafter import landmark_images
+
+    from adapters.diffusers_host import attach_adapters
+    from adapters.facecrafter import diffusers_kwargs
+    from tiny_unets import comfy_model
+
+    tokenizer = comfy.path / "comfy" / "sd1_tokenizer"  # the tokenizer Load Arc2Face ID Encoder uses
+    trainer = Trainer(config_for("facecrafter_joint", manifest, tmp_path, "train.max_steps=3", "train.learning_rate=1e-2",
+                                 f"model.tokenizer={tokenizer}", "facecrafter.id_encoder_learning_rate=1e-3"))
+    result = trainer.run()
+    nodes = comfy.pack.nodes
+    use_folders(monkeypatch, "expression_adapters", tmp_path)
+    use_folders(monkeypatch, "arc2face", tmp_path)
+    [crafter] = nodes.facecrafter_nodes.LoadFaceCrafter.execute(facecrafter_name=result.export_path.name).result
+    assert sorted(crafter.modules_present()) == ["emo", "lmk"] and crafter.landmark_style["size"] == 64
+    [id_encoder] = nodes.identity_nodes.LoadArc2FaceIDEncoder.execute(encoder_name="id_encoder", download_missing=False).result
+    embedding = torch.nn.functional.normalize(torch.randn(1, 16, generator=torch.Generator().manual_seed(2)), dim=1)
+    positive, negative = nodes.identity_nodes.Arc2FaceIDConditioning.execute(id_encoder, embedding).result
+    # the trained encoder for the positive; the original encoder's negative, as in training
+    torch.testing.assert_close(positive[0][0], trainer.host.id_encoder.encode(embedding), atol=1e-5, rtol=1e-5)
+    assert torch.equal(negative[0][0], trainer.stage.negative)
+
+    unet = tiny_unet({"seed": 0}).eval()  # the smoke configs' base UNet
+    model = comfy_model("SD1.5", unet.state_dict())
+    image, emotion = landmark_images(size=64), torch.rand(1, 10, generator=torch.Generator().manual_seed(3))
+    [patched] = nodes.facecrafter_nodes.ApplyFaceCrafter.execute(model, crafter, 1.0, 1.0, 0.0, 1.0, landmark_image=image,
+                                                                  emotion=emotion).result
+    generator = torch.Generator().manual_seed(4)
+    x, t, context = torch.randn(1, 4, 8, 8, generator=generator), torch.full((1,), 500.0), positive[0][0]
+
+    def comfy_output(m):
+        options = dict(m.model_options["transformer_options"], cond_or_uncond=[0], sigmas=torch.ones(1))
+        with torch.no_grad():
+            return m.model.diffusion_model(x, timesteps=t, context=context, transformer_options=options)
+
+    with_modules = comfy_output(patched)
+    assert (with_modules - comfy_output(model)).abs().max() > 1e-3
+    # and ComfyUI computes what the training host computes with the trained modules
+    attach_adapters(unet, crafter.modules_present())
+    with torch.no_grad():
+        kwargs = diffusers_kwargs(crafter, crafter.landmark_tokens(image.permute(0, 3, 1, 2)), crafter.emotion_tokens(emotion),
+                                  1.0, 1.0)
+        expected = unet(x, t, encoder_hidden_states=context, cross_attention_kwargs=kwargs).sample
+    torch.testing.assert_close(with_modules, expected, atol=1e-4, rtol=1e-4)
+
+    def guided(w_lmk, w_emo):
+        [guider] = nodes.facecrafter_nodes.FaceCrafterGuider.execute(patched, positive, negative, 2.5, w_lmk, w_emo).result
+        sigmas = samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "simple", 3)
+        noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        return guider.sample(noise, torch.zeros_like(noise), samplers.sampler_object("ddpm"), sigmas, seed=5)
+
+    with_control, identity_only = guided(2.0, 2.0), guided(0.0, 0.0)
+    assert torch.isfinite(with_control).all() and (with_control - identity_only).abs().max() > 1e-3
