@@ -134,6 +134,17 @@ def test_attention_record_equals_a_separate_recording_pass(joint):
         assert torch.equal(tensor.detach(), seen[name]), name
 
 
+def test_differentiable_encode_is_encode_with_gradients_to_the_text_model(joint):
+    stage, inputs = joint
+    encoder = stage.host.id_encoder
+    trained = encoder.encode_differentiable(inputs["id_embeddings"])
+    assert torch.equal(trained.detach(), encoder.encode(inputs["id_embeddings"])) and not encoder.encode(inputs["id_embeddings"]).requires_grad
+    trained.square().sum().backward()
+    embedding = encoder.text_model.get_input_embeddings().weight
+    assert embedding.grad is not None and embedding.grad.abs().sum() > 0
+    encoder.text_model.zero_grad(set_to_none=True)
+
+
 def test_trainable_parameters_follow_the_key_value_formula(manifest, tmp_path):
     from adapters.facecrafter import (
         EmotionEncoder,
