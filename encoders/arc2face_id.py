@@ -6,7 +6,9 @@ prompt "photo of a id person" is tokenised with the SD1.5 CLIP tokenizer and pad
 the token embedding at ``id`` is replaced by the ArcFace vector (L2-normalised, zero-padded from
 its width E to the encoder width D; E > D is an error); the output is the last hidden state
 after the final layer norm. Attention is causal, so only positions from ``id`` on depend on the
-identity. The negative conditioning is the same encoder on the empty prompt.
+identity. The negative conditioning is the same encoder on the empty prompt, unless the folder holds
+``negative_conditioning.safetensors`` (FaceCrafter's joint stage writes the original encoder's
+negative there, beside the encoder it fine-tuned).
 
 transformers 4 saved the model with keys ``text_model.embeddings.*``; transformers 5's
 ``CLIPTextModel`` has no ``text_model`` level. Either layout loads under either version.
