@@ -14,6 +14,11 @@ The Reference Adapter's write/read path travels the same way, as a :class:`Refer
     reference_unet(ref_latent, 0, encoder_hidden_states=id_cond, cross_attention_kwargs={"reference": bank.writing()})
     unet(latents, t, encoder_hidden_states=cond, cross_attention_kwargs={"reference": bank.reading(cond_rows)})
 
+A dict passed as ``attention_record`` receives, per cross-attention layer with adapter branches,
+the layer's attention output before ``to_out`` (the ID attention plus the scaled branches),
+keyed by the layer's module name, with its autograd graph: FaceCrafter's AD loss reads it from
+the training forward itself, without a second pass.
+
 Every attention layer gets this processor (self-attention layers with no branches), so diffusers
 passes the keyword arguments everywhere without warnings.
 """
@@ -60,7 +65,7 @@ class AdapterAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  adapter_tokens: Mapping[str, torch.Tensor] | None = None,
                  adapter_scale: Mapping[str, float] | None = None,
-                 reference: ReferenceBank | None = None, **unused):
+                 reference: ReferenceBank | None = None, attention_record: dict | None = None, **unused):
         if attention_mask is not None:
             raise NotImplementedError("attention masks are not supported by the adapter processor")
         residual = hidden_states
@@ -79,6 +84,8 @@ class AdapterAttnProcessor:
             scale = (adapter_scale or {}).get(name, 1.0)
             key, value = branch.keys_values(tokens.to(query.dtype))
             out = out + decoupled_attention(query, key, value, attn.heads, scale)
+        if attention_record is not None and encoder_hidden_states is not None and self.branches:
+            attention_record[self.name] = out
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual

@@ -6,7 +6,9 @@ prompt "photo of a id person" is tokenised with the SD1.5 CLIP tokenizer and pad
 the token embedding at ``id`` is replaced by the ArcFace vector (L2-normalised, zero-padded from
 its width E to the encoder width D; E > D is an error); the output is the last hidden state
 after the final layer norm. Attention is causal, so only positions from ``id`` on depend on the
-identity. The negative conditioning is the same encoder on the empty prompt.
+identity. The negative conditioning is the same encoder on the empty prompt, unless the folder holds
+``negative_conditioning.safetensors`` (FaceCrafter's joint stage writes the original encoder's
+negative there, beside the encoder it fine-tuned).
 
 transformers 4 saved the model with keys ``text_model.embeddings.*``; transformers 5's
 ``CLIPTextModel`` has no ``text_model`` level. Either layout loads under either version.
@@ -32,6 +34,8 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")
 LEGACY_PREFIX = "text_model."
 # "clip" is a full CLIP config; CLIPTextConfig reads its text_config.
 CONFIG_MODEL_TYPES = ("clip_text_model", "clip")
+# Optional, beside a fine-tuned encoder's weights: the negative conditioning to use instead of the encoder on "".
+NEGATIVE_FILE = "negative_conditioning.safetensors"
 ENCODER_SOURCE = "the encoder/ folder of hub repo FoivosPar/Arc2Face (encoder/config.json, encoder/pytorch_model.bin)"
 
 
@@ -159,8 +163,11 @@ def _rebuild_position_ids(model) -> None:
 class Arc2FaceIDEncoder:
     """ArcFace embeddings (B x E, E <= D) -> positive conditioning B x 77 x D; :meth:`encode_negative` for the negative."""
 
-    def __init__(self, text_model, tokenizer):
+    def __init__(self, text_model, tokenizer, negative: torch.Tensor | None = None):
         self.text_model = text_model
+        # A fixed negative (1 x 77 x D) kept beside a fine-tuned encoder (FaceCrafter's joint stage
+        # trains the encoder but keeps the original encoder's negative); None: the encoder on "".
+        self.negative = None if negative is None else negative.detach().float().reshape(1, -1, negative.shape[-1])
         self.tokenizer = tokenizer
         self.sequence_length = int(text_model.config.max_position_embeddings)
         self.hidden_size = int(text_model.config.hidden_size)
@@ -175,7 +182,9 @@ class Arc2FaceIDEncoder:
 
     @classmethod
     def from_folders(cls, encoder_folder, tokenizer_folder, dtype: torch.dtype = torch.float32, device="cpu"):
-        return cls(load_text_encoder(encoder_folder, dtype, device), load_clip_tokenizer(tokenizer_folder))
+        negative_file = Path(encoder_folder).expanduser() / NEGATIVE_FILE
+        negative = read_state_dict(negative_file)["negative"] if negative_file.is_file() else None
+        return cls(load_text_encoder(encoder_folder, dtype, device), load_clip_tokenizer(tokenizer_folder), negative)
 
     def _tokenize(self, text: str) -> torch.Tensor:
         # Always the encoder's 77 positions: ComfyUI's sd1_tokenizer config says model_max_length 8192.
@@ -236,6 +245,11 @@ class Arc2FaceIDEncoder:
     @torch.no_grad()
     def encode(self, id_embeddings) -> torch.Tensor:
         """Positive conditioning, float32 B x 77 x D on the encoder's device, one row per embedding."""
+        return self.encode_differentiable(id_embeddings)
+
+    def encode_differentiable(self, id_embeddings) -> torch.Tensor:
+        """:meth:`encode` with the autograd graph through the text model (the ArcFace vectors stay constants),
+        for training the encoder (FaceCrafter's joint stage)."""
         rows = self._check_embeddings(id_embeddings)
         ids = self.prompt_ids.repeat(rows.shape[0], 1).to(self.device)
         with self._id_token_replaced(ids == self.id_token, rows):
@@ -244,6 +258,8 @@ class Arc2FaceIDEncoder:
 
     @torch.no_grad()
     def encode_negative(self, batch_size: int = 1) -> torch.Tensor:
-        """Negative conditioning: the encoder on the empty prompt, float32 batch_size x 77 x D."""
+        """Negative conditioning: the encoder on the empty prompt (or the fixed negative), float32 batch_size x 77 x D."""
+        if self.negative is not None:
+            return self.negative.to(self.device).expand(batch_size, -1, -1).clone()
         hidden = self.text_model(input_ids=self.empty_ids.to(self.device)).last_hidden_state.float()
         return hidden.expand(batch_size, -1, -1).clone()

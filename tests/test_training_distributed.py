@@ -113,3 +113,18 @@ def test_emojidiff_ica_stage_trains_on_two_processes(demo, tmp_path):
                      "train.max_steps=2", "checkpointing.every_steps=0")
     assert_synchronised(records, 2)
     assert EAdapter.from_file(run / "e_adapter.safetensors").layout.name == "SD1.5"
+
+
+def test_facecrafter_joint_stage_trains_on_two_processes(demo, tmp_path):
+    from adapters.facecrafter import FaceCrafter
+
+    run = tmp_path / "run"
+    # the ID encoder trains too, and every replica row switches modules on or off: all of it stays in step
+    records = launch(tmp_path / "records", f"data.shards={demo}", f"output_dir={run}", "stage=facecrafter_joint",
+                     "facecrafter.lmk={image_size: 64, channels: [8, 8, 16, 16, 32, 32], token_dim: 32, res_blocks: 1, groups: 8}",
+                     "facecrafter.emo={hidden_dim: 32, token_dim: 32, num_tokens: 4}", "facecrafter.replicas=2",
+                     "facecrafter.expression_threshold=0.02", "export.file=facecrafter.safetensors", "train.max_steps=2",
+                     "checkpointing.every_steps=0")
+    assert_synchronised(records, 2)
+    assert sorted(FaceCrafter.from_file(run / "facecrafter.safetensors").modules_present()) == ["emo", "lmk"]
+    assert (run / "id_encoder" / "model.safetensors").is_file()

@@ -226,7 +226,7 @@ def test_ica_gradients_reach_only_the_trainable_parameters(demo, base_export, id
         for model in frozen:
             assert all(p.grad is None for p in model.parameters()), term
     stage.loss(module, batch, torch.Generator().manual_seed(7), dropout=False)
-    terms = stage.last_terms
+    terms = {name: float(value) for name, value in stage.loss_terms.items()}
     assert set(terms) == {"loss_sd", "loss_id_weighted", "loss_exp_weighted"}
     assert terms["loss_id_weighted"] > 0  # the FaceID teacher differs from the adapter being tuned
 

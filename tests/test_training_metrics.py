@@ -178,6 +178,9 @@ def test_evaluation_set_columns_diversity_and_paper_table():
     assert "| FaceCrafter (LMK+EMO) (paper) | 6.81 | 0.126 | 0.217 | 0.184 | 0.52 | 61.2 | 0.69 | 31.54 |" in table
     assert "| ours |  |  | 0.2 |  |  |  | 0.7 |  |" in table
     assert "SMIRK" in table and "FaceNet" in table and "not computed here: Exp-RMSE, Pose-RMSE" in table
+    spread = paper_table("facecrafter-diversity", {"metrics": found})
+    assert "| FaceCrafter, AgeDB-500 (paper) | 0.589 | 6.93 | 0.424 | 6.501 |" in spread
+    assert "| ours | 255 | 1 |  |  |" in spread and "not computed here: Pose-std, FID" in spread
     emojidiff = paper_table("emojidiff", {"metrics": {"exp_mean": {"mean": 0.06}}})
     assert "| EmojiDiff (paper) | 0.666 | 4.995 | 0.054 | 0.215 |" in emojidiff and "| ours |  |  | 0.06 |  |" in emojidiff
 

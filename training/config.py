@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from .emojidiff_config import EMOJIDIFF_DEFAULTS, EMOJIDIFF_PATH_KEYS, IDI_DEFAULTS, validate_emojidiff
+from .facecrafter_config import (
+    FACECRAFTER_DEFAULTS,
+    FACECRAFTER_FREE_BLOCKS,
+    FACECRAFTER_PATH_KEYS,
+    check_facecrafter,
+)
 
 DEFAULTS: dict[str, Any] = {
     "stage": "expression_adapter",
@@ -57,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     # EmojiDiff's E-Adapter stages (training/emojidiff_stages.py; spec A2).
     "emojidiff": EMOJIDIFF_DEFAULTS,
     "idi": IDI_DEFAULTS,
+    "facecrafter": FACECRAFTER_DEFAULTS,
     "data": {
         "shards": None,  # a manifest.json written by training.prepare, a shard folder, or a glob of .tar
         "resolution": 512,
@@ -111,16 +118,17 @@ DEFAULTS: dict[str, Any] = {
     },
     "export": {
         "file": "expression_adapter.safetensors",
+        "id_encoder_folder": "id_encoder",  # facecrafter_joint: the trained ID encoder, for Load Arc2Face ID Encoder
     },
 }
 
 # Keys whose values are free-form blocks (model constructor arguments), not checked key by key.
 FREE_BLOCKS = {("model", "tiny_unet"), ("model", "tiny_vae"), ("model", "tiny_id_encoder"), ("model", "tiny_text_encoder"),
                ("emojidiff", "standin_published"), ("emojidiff", "tiny_arcface"), ("emojidiff", "tiny_fan"),
-               ("idi", "tiny_clip_vision")}
+               ("idi", "tiny_clip_vision"), *FACECRAFTER_FREE_BLOCKS}
 PATH_KEYS = [("model", "unet"), ("model", "vae"), ("model", "scheduler"), ("model", "id_encoder"),
              ("model", "tokenizer"), ("adapter", "init"), ("reference_lora", "expression_adapter"),
-             *EMOJIDIFF_PATH_KEYS]
+             *EMOJIDIFF_PATH_KEYS, *FACECRAFTER_PATH_KEYS]
 
 
 class ConfigError(ValueError):
@@ -222,6 +230,7 @@ def validate(config: Mapping, check_paths: bool = True) -> None:
     if config["stage"] == "reference_lora" and not config["reference_lora"]["expression_adapter"]:
         raise ConfigError("stage reference_lora trains with the Expression Adapter frozen: set reference_lora.expression_adapter "
                           "to the file stage 1 exported")
+    check_facecrafter(config, ConfigError)
     if config["adapter"]["projection"] not in ("mlp", "linear"):
         raise ConfigError(f"adapter.projection must be mlp or linear; got {config['adapter']['projection']!r}")
     if not check_paths:

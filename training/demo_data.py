@@ -12,6 +12,8 @@ a fresh clone. It is a CPU check of the code paths, not training data:
 - EmojiDiff's ``local.jpg`` and ``clip_image`` (with the landmarks): the real local-image cut, embedded by a
   random tiny CLIP vision model (:func:`training.tiny.tiny_clip_vision`, a stand-in);
 - ``flame``: SMIRK's expression-encoder architecture with random weights (a stand-in);
+- ``emotion``: valence, arousal and 8 probabilities from a fixed random projection of the crop
+  (:class:`StandInEmotion`, not EmoNet), for FaceCrafter's EMO module;
 - ``landmarks`` / ``blendshapes`` / ``head_pose`` / ``face_mask``: the real MediaPipe model where it
   is cached on this machine (:func:`find_face_landmarker`), else left out and said so in the notes;
 - latents: the config's tiny VAE, so cached latents match the smoke run's decoder.
@@ -128,6 +130,21 @@ class StandInIdentity:
         sample.arrays[self.field] = self.recognize(sample.crop)
 
 
+class StandInEmotion:
+    """``emotion`` (valence, arousal in -1..1, 8 probabilities) from a fixed random projection of the crop: not EmoNet."""
+
+    def __init__(self, seed: int = 1):
+        from .tiny import tiny_recognizer
+
+        self.project = tiny_recognizer(10, seed)
+
+    def __call__(self, sample: Sample) -> None:
+        vector = self.project(sample.crop) * 3.0
+        logits = vector[2:] - vector[2:].max()
+        probabilities = np.exp(logits) / np.exp(logits).sum()
+        sample.arrays["emotion"] = np.concatenate([np.tanh(vector[:2]), probabilities]).astype(np.float32)
+
+
 def build_demo_data(out, config: Mapping, items_per_shard: int = 4) -> dict:
     """Write the demo set for ``config`` (its resolution, tiny VAE and ID width) into ``out``; returns the manifest."""
     import torch
@@ -143,9 +160,10 @@ def build_demo_data(out, config: Mapping, items_per_shard: int = 4) -> dict:
     model_cfg = config["model"]
     id_width = int((model_cfg.get("tiny_id_encoder") or {}).get("hidden_size", 32))
     notes = ["demo data: crops of pictures shipped in insightface and scikit-image, with a stand-in recogniser "
-             "(id) and a random-weight SMIRK-shaped encoder (flame); for smoke runs only"]
+             "(id), a random-weight SMIRK-shaped encoder (flame) and a stand-in emotion (a random projection, not EmoNet); "
+             "for smoke runs only"]
     torch.manual_seed(0)
-    chain = [StandInIdentity(max(1, id_width // 2)), StandInIdentity(512, seed=1, field="faceid")]
+    chain = [StandInIdentity(max(1, id_width // 2)), StandInIdentity(512, seed=1, field="faceid"), StandInEmotion()]
     landmarker_path, landmarker = find_face_landmarker(), None
     if landmarker_path is not None:
         from encoders.face_landmarks import FaceLandmarker

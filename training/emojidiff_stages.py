@@ -456,7 +456,6 @@ class EmojiDiffICAStage(EmojiDiffRefinedStage):
         if cfg["decoder_checkpointing"]:
             enable_decoder_checkpointing(host.vae)
         self.frozen_modules = (*self.frozen_modules, self.exp_teacher, self.id_teacher, self.recognizer, self.fan)
-        self.last_terms: dict[str, float] = {}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.host.vae
@@ -466,8 +465,8 @@ class EmojiDiffICAStage(EmojiDiffRefinedStage):
     def loss(self, module, batch, generator, dropout: bool = True) -> torch.Tensor:
         terms = self.terms(module, batch, generator, dropout)
         weighted_id, weighted_exp = float(self.cfg["id_weight"]) * terms["loss_id"], float(self.cfg["exp_weight"]) * terms["loss_exp"]
-        self.last_terms = {"loss_sd": float(terms["loss_sd"].detach()), "loss_id_weighted": float(weighted_id.detach()),
-                           "loss_exp_weighted": float(weighted_exp.detach())}
+        self.loss_terms = {"loss_sd": terms["loss_sd"].detach(), "loss_id_weighted": weighted_id.detach(),
+                           "loss_exp_weighted": weighted_exp.detach()}
         return terms["loss_sd"] + weighted_id + weighted_exp
 
     def terms(self, module, batch, generator, dropout: bool = True) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ Metrics (see :mod:`training.metrics`): ID similarity (needs --insightface), 3D E
 weights; computed by torchmetrics), LIQE (--liqe-weights with pyiqa). FaceCrafter's columns: Exp-RMSE
 (SMIRK), Pose-RMSE (MediaPipe head pose), V/A/Dist-RMSE and Class-ACC (--emonet); ID-only diversity
 (LPIPS with --lpips-backbone, std of expression and pose) over entries sharing an ``identity``.
-``--paper-table emojidiff|facecrafter`` prints the paper's rows beside ours.
+``--paper-table emojidiff|facecrafter|facecrafter-diversity`` prints the paper's rows beside ours.
 A metric whose model is not given is left out, with a note. Writes ``per_sample.csv``,
 ``summary.json`` and prints a summary table.
 """
@@ -355,8 +355,9 @@ def parse_args(argv=None):
     parser.add_argument("--lpips-backbone", help="torchvision alexnet weights file (LPIPS diversity between samples "
                         "of one identity; entries name their identity with 'identity' or 'identity_image')")
     parser.add_argument("--paper-table", choices=("emojidiff", "emojidiff-anime", "emojidiff-painting", "emojidiff-stages",
-                                                  "facecrafter"),
-                        help="print the paper's Table 1 rows beside ours, with what differs in our metrics")
+                                                  "facecrafter", "facecrafter-diversity"),
+                        help="print the paper's Table 1 rows (emojidiff-stages: EmojiDiff's Tables 2-3; facecrafter-diversity: "
+                             "FaceCrafter's Table 2) beside ours, with what differs in our metrics")
     parser.add_argument("--pair-by", choices=("name", "order"), default="name")
     parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--det-size", type=int, default=640)

@@ -30,7 +30,8 @@ def mixed_rows(examples: int, replicas: int, generator: torch.Generator) -> Mixe
     if examples < 1 or replicas < 1:
         raise ValueError(f"need at least one example and one replica; got {examples} and {replicas}")
     source = torch.arange(examples).repeat_interleave(replicas)
-    draws = torch.randint(0, len(COMBOS), (examples * replicas,), generator=generator)
+    # drawn on the generator's device (the trainer's generator is on the GPU there), kept on the CPU
+    draws = torch.randint(0, len(COMBOS), (examples * replicas,), generator=generator, device=generator.device).cpu()
     table = torch.tensor([CONDITIONS[name] for name in COMBOS], dtype=torch.float32)
     return MixedRows(source, table[draws], [COMBOS[int(k)] for k in draws])
 
@@ -50,10 +51,12 @@ def replicate(batch: dict, rows: MixedRows) -> dict:
 
 def row_noise(shape: tuple[int, ...], rows: MixedRows, num_timesteps: int, generator: torch.Generator,
               shared_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise R x ..., timesteps R): drawn per example and repeated, or per row with ``shared_noise=False``."""
+    """(noise R x ..., timesteps R) on the generator's device: drawn per example and repeated, or per row with
+    ``shared_noise=False``."""
     count = int(rows.source.max()) + 1 if shared_noise else len(rows.source)
-    noise = torch.randn((count, *shape), generator=generator)
-    timesteps = torch.randint(0, num_timesteps, (count,), generator=generator)
+    noise = torch.randn((count, *shape), generator=generator, device=generator.device)
+    timesteps = torch.randint(0, num_timesteps, (count,), generator=generator, device=generator.device)
     if shared_noise:
-        noise, timesteps = noise[rows.source], timesteps[rows.source]
+        source = rows.source.to(generator.device)
+        noise, timesteps = noise[source], timesteps[source]
     return noise, timesteps

@@ -72,7 +72,7 @@ def load_noise_scheduler(path=None):
 
 def load_id_encoder(model_cfg: Mapping, work_dir, device, dtype):
     if model_cfg.get("tiny_id_encoder") is not None:
-        encoder = tiny.tiny_id_encoder(model_cfg["tiny_id_encoder"], work_dir)
+        encoder = tiny.tiny_id_encoder(model_cfg["tiny_id_encoder"], work_dir, model_cfg.get("tokenizer"))
     else:
         from encoders.arc2face_id import Arc2FaceIDEncoder
 

@@ -62,12 +62,30 @@ EMOJIDIFF_STAGE_ROWS = {
     "SDXL + IDI": (0.465, NAN, 0.072, 0.338), "SDXL + IDI + ICA": (0.493, NAN, 0.069, 0.341),
 }
 
+# FaceCrafter Table 2 (and Table 3's "w/o AD loss"): ID-only diversity, no control modules, on Synth-500 / AgeDB-500.
+DIVERSITY_COLUMNS = {"LPIPS": "lpips", "Exp-std": "exp_std", "Pose-std": "pose_std", "FID": "fid"}
+DIVERSITY_ROWS = {
+    "Arc2Face, Synth-500": (0.506, 6.375, 0.317, 5.673),
+    "Arc2Face, AgeDB-500": (0.508, 5.966, 0.273, 6.628),
+    "FaceCrafter, Synth-500": (0.552, 6.971, 0.429, 2.112),
+    "FaceCrafter, AgeDB-500": (0.589, 6.930, 0.424, 6.501),
+    "w/o AD loss, Synth-500": (0.538, 6.540, 0.411, 2.140),
+    "w/o AD loss, AgeDB-500": (0.564, 6.430, 0.397, 5.381),
+}
+DIVERSITY_NOTES = [
+    "generate several ID-only samples per identity (no landmark image, no emotion) and name each entry's 'identity'",
+    "Exp-std: ours over SMIRK's 50 expression parameters, the paper's over EMOCA's; Pose-std: ours from MediaPipe's "
+    "head pose (radians)",
+    "LPIPS: ours with the backbone given to --lpips-backbone",
+]
+
 TABLES = {"emojidiff": (EMOJIDIFF_COLUMNS, EMOJIDIFF_ROWS, EMOJIDIFF_NOTES),
           "emojidiff-anime": (EMOJIDIFF_COLUMNS, EMOJIDIFF_ANIME_ROWS, ["paper: anime-style columns of Table 1 (SD1.5)"]),
           "emojidiff-painting": (EMOJIDIFF_COLUMNS, EMOJIDIFF_PAINTING_ROWS, ["paper: ink-painting columns of Table 1 (SD1.5)"]),
           "emojidiff-stages": (EMOJIDIFF_COLUMNS, EMOJIDIFF_STAGE_ROWS,
                                ["paper: Tables 2 and 3 (the ablations, probably scored on anime; IQ not reported)"]),
-          "facecrafter": (FACECRAFTER_COLUMNS, FACECRAFTER_ROWS, FACECRAFTER_NOTES)}
+          "facecrafter": (FACECRAFTER_COLUMNS, FACECRAFTER_ROWS, FACECRAFTER_NOTES),
+          "facecrafter-diversity": (DIVERSITY_COLUMNS, DIVERSITY_ROWS, DIVERSITY_NOTES)}
 
 
 def ours(summary_metrics: Mapping, key: str) -> float | None:

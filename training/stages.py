@@ -47,6 +47,12 @@ class Stage:
     required_fields: tuple[str, ...] = ()
     items_with_epoch = False  # whether dataset items are (epoch, index): datasets that draw per epoch
     module: nn.Module
+    # parts of the last loss to log beside it (detached scalars), e.g. {"loss_sd": ..., "loss_ad": ...}
+    loss_terms: Mapping[str, torch.Tensor] = {}
+
+    def parameter_groups(self, module: nn.Module) -> list:
+        """What the optimizer updates: parameters, or groups with their own ``lr`` (train.learning_rate otherwise)."""
+        return [p for p in module.parameters() if p.requires_grad]
 
     def build_dataset(self, records, data_cfg: Mapping):
         raise NotImplementedError
@@ -279,6 +285,9 @@ class ReferenceLoraStage(ExpressionAdapterStage):
 
 STAGES = {"expression_adapter": ExpressionAdapterStage, "reference_lora": ReferenceLoraStage}
 from . import emojidiff_stages  # noqa: E402,F401 - adds EmojiDiff's stages to STAGES (they build on the classes above)
+from .facecrafter_stages import FACECRAFTER_STAGES  # noqa: E402  (they build on the classes above)
+
+STAGES.update(FACECRAFTER_STAGES)
 
 
 def build_stage(config: Mapping, host: HostModels, device) -> Stage:

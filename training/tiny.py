@@ -79,14 +79,15 @@ def write_tiny_tokenizer(folder) -> Path:
     return folder
 
 
-def tiny_id_encoder(block: Mapping | None, work_dir):
-    """Arc2Face's ID encoder class around a random tiny CLIPTextModel and a tiny tokenizer."""
+def tiny_id_encoder(block: Mapping | None, work_dir, tokenizer_folder=None):
+    """Arc2Face's ID encoder class around a random tiny CLIPTextModel and a tiny tokenizer (or the SD1.5 tokenizer
+    in ``tokenizer_folder``, with a full-size vocabulary, so the encoder also runs behind ComfyUI's tokenizer)."""
     import transformers
 
     from encoders.arc2face_id import Arc2FaceIDEncoder, load_clip_tokenizer
 
     options, seed = _options(block, TINY_ID_ENCODER_DEFAULTS)
-    tokenizer = load_clip_tokenizer(write_tiny_tokenizer(Path(work_dir) / "tiny_tokenizer"))
+    tokenizer = load_clip_tokenizer(tokenizer_folder or write_tiny_tokenizer(Path(work_dir) / "tiny_tokenizer"))
     vocab = tokenizer.get_vocab()
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     config = transformers.CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=bos,

@@ -36,6 +36,7 @@ logger = logging.getLogger("training.train")
 class TrainResult:
     step: int
     losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss of that step (this run)
+    loss_terms: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> the stage's logged terms
     export_path: Path | None = None
     resumed_from: Path | None = None
     trainable_parameters: int = 0
@@ -126,7 +127,7 @@ class Trainer:
         if self.trainable_parameters == 0:
             raise ValueError(f"stage {config['stage']} has no trainable parameters")
 
-        params = [p for p in self.stage.module.parameters() if p.requires_grad]
+        params = self.stage.parameter_groups(self.stage.module)
         self.optimizer = torch.optim.AdamW(params, lr=float(train["learning_rate"]), weight_decay=float(train["weight_decay"]),
                                            betas=(float(train["adam_beta1"]), float(train["adam_beta2"])),
                                            eps=float(train["adam_epsilon"]))
@@ -211,7 +212,7 @@ class Trainer:
         self.module.train()
         try:
             while self.step < max_steps:
-                losses = []
+                losses, terms = [], []
                 for _ in range(accumulation):
                     batch = next(loader)
                     self.batches_consumed += 1
@@ -224,19 +225,22 @@ class Trainer:
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     losses.append(loss.detach())
+                    terms.append(self.stage.loss_terms)
                 self.lr_scheduler.step()
                 self.step += 1
                 step_loss = float(accelerator.gather(torch.stack(losses).mean()[None]).mean())
                 if not math.isfinite(step_loss):
                     raise FloatingPointError(f"the loss is {step_loss} at step {self.step}; the last checkpoint is intact")
                 result.losses[self.step] = step_loss
+                result.loss_terms[self.step] = {name: float(accelerator.gather(torch.stack([t[name] for t in terms]).mean()[None]).mean())
+                                                for name in terms[0]}
                 bar.update(1)
                 if accelerator.is_main_process:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
                     if writer is not None and self.step % int(log_cfg["every_steps"]) == 0:
                         writer.add_scalar("train/loss", step_loss, self.step)
                         writer.add_scalar("train/lr", self.lr_scheduler.get_last_lr()[0], self.step)
-                        for name, value in getattr(self.stage, "last_terms", {}).items():  # a stage's loss terms
+                        for name, value in result.loss_terms[self.step].items():
                             writer.add_scalar(f"train/{name}", value, self.step)
                 if int(ckpt["every_steps"]) and self.step % int(ckpt["every_steps"]) == 0 and self.step < max_steps:
                     self.save()
