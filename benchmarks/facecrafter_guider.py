@@ -1,6 +1,6 @@
 """FaceCrafter Guider (four predictions, paper Eq. 6) vs plain CFG (two) on the same FaceCrafter model and steps.
 
-    python benchmarks/facecrafter_guider.py [--comfyui PATH] [--channels 64] [--repeats 3] [--steps 10] [--cpu]
+    python benchmarks/facecrafter_guider.py [--comfyui PATH] [--channels 64] [--repeats 3] [--steps 10] [--cpu] [--skip-flops]
 
 1. UNet work per step at full SD1.5 width (320 channels, 64x64 latent), counted by
    ``torch.utils.flop_counter.FlopCounterMode`` over one sampling step of each guider, attention
@@ -102,16 +102,18 @@ def flops_per_step(pack) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
-    args = arguments(__doc__, channels=64, repeats=3, argv=argv)
+    skip_flops = "--skip-flops" in (argv if argv is not None else sys.argv[1:])  # the FLOP count takes long on a CPU
+    args = arguments(__doc__, channels=64, repeats=3, argv=[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--skip-flops"])
     pack = start(args.comfyui, args.cpu)
     import comfy.model_management
 
-    flops = flops_per_step(pack)
-    cfg, guided = flops["plain CFG (2 predictions)"], flops["FaceCrafter Guider (4)"]
-    print("UNet work per step at full SD1.5 width (320 channels), 64x64 latent, FlopCounterMode:")
-    for name, value in flops.items():
-        print(f"  {name:40s} {value / 1e9:10.1f} GFLOP")
-    print(f"  ratio guider / CFG: {guided / cfg:.3f}  (limit 2.0: four predictions instead of two; goal <= 2.1)")
+    if not skip_flops:
+        flops = flops_per_step(pack)
+        cfg, guided = flops["plain CFG (2 predictions)"], flops["FaceCrafter Guider (4)"]
+        print("UNet work per step at full SD1.5 width (320 channels), 64x64 latent, FlopCounterMode:")
+        for name, value in flops.items():
+            print(f"  {name:40s} {value / 1e9:10.1f} GFLOP")
+        print(f"  ratio guider / CFG: {guided / cfg:.3f}  (limit 2.0: four predictions instead of two; goal <= 2.1)")
 
     model = patched_model(pack, args.channels)
     timed = guiders(pack, model)
