@@ -335,11 +335,15 @@ def switched_branch(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, v
 
 
 def per_row_tokens(tokens: torch.Tensor, chunks: int, chunk: int, what: str) -> torch.Tensor:
-    """Lay ``tokens`` (1 or ``chunk`` rows) out over ``chunks`` chunks of ``chunk`` rows."""
+    """Lay ``tokens`` (or their keys/values) out over ``chunks`` chunks of ``chunk`` rows.
+
+    One row stays one row (shared by every row, expanded without a copy where used); ``chunk``
+    rows (one per image) repeat in every chunk.
+    """
     if tokens.shape[0] not in (1, chunk):
         raise ValueError(f"the {what} has {tokens.shape[0]} rows but the batch has {chunk} images: "
                          f"give one {what} for the whole batch or one per image")
-    return tokens.expand(chunk, -1, -1).repeat(chunks, 1, 1)
+    return tokens if tokens.shape[0] == 1 else tokens.repeat(chunks, 1, 1)
 
 
 def diffusers_kwargs(crafter: FaceCrafter, landmark_tokens: torch.Tensor | None, emotion_tokens: torch.Tensor | None,

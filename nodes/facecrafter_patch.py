@@ -52,9 +52,10 @@ class FaceCrafterTokens:
         cache_key = (name, layer.comfy_key, query.device, query.dtype, chunks, chunk)
         if cache_key not in self._cache:
             what = "landmark image" if name == "lmk" else "emotion"
-            tokens = per_row_tokens(self.tokens[name], chunks, chunk, what).to(query.device, query.dtype)
-            with torch.no_grad():
-                self._cache[cache_key] = getattr(self.crafter, name).branch(layer).keys_values(tokens)
+            tokens = self.tokens[name].to(query.device, query.dtype)
+            with torch.no_grad():  # project the module's own rows (1 or one per image), then lay them out per chunk
+                key, value = getattr(self.crafter, name).branch(layer).keys_values(tokens)
+            self._cache[cache_key] = (per_row_tokens(key, chunks, chunk, what), per_row_tokens(value, chunks, chunk, what))
             self.projections += 1
         return self._cache[cache_key]
 
