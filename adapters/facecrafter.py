@@ -39,6 +39,7 @@ from torch import nn
 from .attention import KeyValueBranch, decoupled_attention
 from .checkpoints import AdapterFileError, load_strict, read_checkpoint, split_prefix, write_safetensors
 from .layers import SD15, AttentionLayer, UNetLayout, select_layers
+from .rows import RowLayout
 
 EMOTION_DIM = 10
 KIND = "FaceCrafter control modules"
@@ -302,16 +303,13 @@ GUIDANCE_SWITCHES = {0: (0.0, 0.0), 1: (0.0, 0.0), 2: (1.0, 0.0), 3: (0.0, 1.0)}
 CFG_SWITCHES = {0: (1.0, 1.0), 1: (0.0, 0.0)}
 
 
-def row_alphas(chunk_indices, chunk: int, switches: Mapping[int, tuple[float, float]], module: int,
+def row_alphas(layout: RowLayout, switches: Mapping[int, tuple[float, float]], module: int,
                strength: float = 1.0) -> list[float]:
-    """One alpha per row of a batch made of ``chunk``-row chunks, chunk ``i`` being conditioning ``chunk_indices[i]``.
+    """One alpha per row of ``layout``: its chunk's switch for ``module`` (0 LMK, 1 EMO) times ``strength``.
 
-    ``module`` is 0 for LMK, 1 for EMO. An index absent from ``switches`` has the branch off.
+    An index absent from ``switches`` has the branch off.
     """
-    alphas = []
-    for index in chunk_indices:
-        alphas += [float(switches.get(index, (0.0, 0.0))[module]) * strength] * chunk
-    return alphas
+    return layout.scales(lambda index: float(switches.get(index, (0.0, 0.0))[module]) * strength).tolist()
 
 
 def switched_branch(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int,
@@ -332,18 +330,6 @@ def switched_branch(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, v
         key, value = key.index_select(0, rows), value.index_select(0, rows)
     branch = decoupled_attention(query.index_select(0, rows), key, value, heads, scale)
     return out.index_add(0, rows, branch.to(out.dtype))
-
-
-def per_row_tokens(tokens: torch.Tensor, chunks: int, chunk: int, what: str) -> torch.Tensor:
-    """Lay ``tokens`` (or their keys/values) out over ``chunks`` chunks of ``chunk`` rows.
-
-    One row stays one row (shared by every row, expanded without a copy where used); ``chunk``
-    rows (one per image) repeat in every chunk.
-    """
-    if tokens.shape[0] not in (1, chunk):
-        raise ValueError(f"the {what} has {tokens.shape[0]} rows but the batch has {chunk} images: "
-                         f"give one {what} for the whole batch or one per image")
-    return tokens if tokens.shape[0] == 1 else tokens.repeat(chunks, 1, 1)
 
 
 def diffusers_kwargs(crafter: FaceCrafter, landmark_tokens: torch.Tensor | None, emotion_tokens: torch.Tensor | None,

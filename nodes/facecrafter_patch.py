@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.facecrafter import CFG_SWITCHES, MODULE_NAMES, per_row_tokens, row_alphas, switched_branch
-from .attention_host import COND, attention_before
+from ..adapters.facecrafter import CFG_SWITCHES, MODULE_NAMES, row_alphas, switched_branch
+from ..adapters.rows import RowLayout, context_window_frames
+from .attention_host import attention_before
 from .cross_attention_patch import SigmaGate, check_model_fits
 
 SWITCHES_KEY = "facecrafter_switches"
@@ -48,14 +49,18 @@ class FaceCrafterTokens:
         finally:
             self._cache.clear()
 
-    def keys_values(self, name: str, layer, query: torch.Tensor, chunks: int, chunk: int):
-        cache_key = (name, layer.comfy_key, query.device, query.dtype, chunks, chunk)
+    def keys_values(self, name: str, layer, query: torch.Tensor, layout: RowLayout):
+        """The module's keys/values for every row of ``layout``; one shared row stays one row (expanded where used)."""
+        cache_key = (name, layer.comfy_key, query.device, query.dtype, layout.key)
         if cache_key not in self._cache:
-            what = "landmark image" if name == "lmk" else "emotion"
-            tokens = self.tokens[name].to(query.device, query.dtype)
-            with torch.no_grad():  # project the module's own rows (1 or one per image), then lay them out per chunk
-                key, value = getattr(self.crafter, name).branch(layer).keys_values(tokens)
-            self._cache[cache_key] = (per_row_tokens(key, chunks, chunk, what), per_row_tokens(value, chunks, chunk, what))
+            what = "the landmark image" if name == "lmk" else "the emotion"
+            tokens = self.tokens[name]
+            if tokens.shape[0] != 1:  # one per image: the chunk's images (the context window's, if any), in every chunk
+                tokens = layout.per_image(tokens, what)
+            with torch.no_grad():
+                key, value = getattr(self.crafter, name).branch(layer).keys_values(tokens.to(query.device, query.dtype))
+            repeats = 1 if tokens.shape[0] == 1 else len(layout.chunks)
+            self._cache[cache_key] = key.repeat(repeats, 1, 1), value.repeat(repeats, 1, 1)
             self.projections += 1
         return self._cache[cache_key]
 
@@ -75,15 +80,14 @@ class FaceCrafterPatch:
         out = attention_before(self.previous, q, k, v, extra_options)
         if not self.tokens.gate.active(extra_options):
             return out
-        chunk_indices = extra_options.get("cond_or_uncond") or [COND]
+        layout = RowLayout(q.shape[0], extra_options.get("cond_or_uncond"), context_window_frames(extra_options))
         switches = extra_options.get(SWITCHES_KEY, CFG_SWITCHES)
-        chunk = q.shape[0] // len(chunk_indices)
         for module, name in enumerate(MODULE_NAMES):
             if name not in self.tokens.active_modules:
                 continue
-            alphas = row_alphas(chunk_indices, chunk, switches, module, self.tokens.strengths[name])
+            alphas = row_alphas(layout, switches, module, self.tokens.strengths[name])
             if any(alphas):
-                key, value = self.tokens.keys_values(name, self.layer, q, len(chunk_indices), chunk)
+                key, value = self.tokens.keys_values(name, self.layer, q, layout)
                 out = switched_branch(out, q, key, value, extra_options["n_heads"], alphas)
         return out
 

@@ -268,6 +268,22 @@ def test_apply_node_batches_per_image_and_matches_the_library(comfy):
         three.comfy(run_apply(comfy, three.model, crafter, landmark_image=images))
 
 
+def test_per_frame_rows_follow_comfyuis_context_window(comfy):
+    """Under context windows a chunk holds the window's frames: they get those frames' landmark images and emotions."""
+    from types import SimpleNamespace
+
+    hosts = Hosts("SD1.5", batch=2)
+    crafter = random_facecrafter()
+    lmk, emo = tokens_of(crafter, landmark_images(batch=4), torch.rand(4, 10))
+    whole_batch = apply(comfy, hosts.model, crafter, lmk, emo)
+    frames_2_and_3 = apply(comfy, hosts.model, crafter, lmk[2:], emo[2:])
+    window = SimpleNamespace(index_list=[2, 3])  # what ComfyUI's context-window handler puts in transformer_options
+    torch.testing.assert_close(hosts.comfy(whole_batch, cond_or_uncond=[0], context_window=window),
+                               hosts.comfy(frames_2_and_3, cond_or_uncond=[0]), atol=0, rtol=0)
+    assert not torch.equal(hosts.comfy(frames_2_and_3, cond_or_uncond=[0]), hosts.comfy(apply(
+        comfy, hosts.model, crafter, lmk[:2], emo[:2]), cond_or_uncond=[0]))  # the frames differ, so the test can fail
+
+
 def test_landmark_images_of_another_size_are_resized_with_a_note(comfy, caplog):
     hosts = Hosts("SD1.5", batch=1)
     crafter = random_facecrafter()

@@ -26,6 +26,7 @@ from adapters.facecrafter import (
     switched_branch,
 )
 from adapters.layers import SDXL
+from adapters.rows import RowLayout
 from encoders.expressions import Landmarks
 from encoders.landmark_image import render_landmark_image
 from encoders.landmark_pose import pose_landmarks, pose_sweep, rotation_matrix
@@ -141,10 +142,10 @@ def test_bad_emotions_are_refused(emotion, message):
 
 
 def test_row_alphas_follow_the_chunk_indices_in_any_order():
-    assert row_alphas([1, 0], 2, CFG_SWITCHES, module=0, strength=0.5) == [0.0, 0.0, 0.5, 0.5]
-    assert row_alphas([3, 2, 1, 0], 1, GUIDANCE_SWITCHES, module=0) == [0.0, 1.0, 0.0, 0.0]
-    assert row_alphas([3, 2, 1, 0], 1, GUIDANCE_SWITCHES, module=1) == [1.0, 0.0, 0.0, 0.0]
-    assert row_alphas([2, 0, 3, 1], 1, GUIDANCE_SWITCHES, module=1) == [0.0, 0.0, 1.0, 0.0]
+    assert row_alphas(RowLayout(4, [1, 0]), CFG_SWITCHES, module=0, strength=0.5) == [0.0, 0.0, 0.5, 0.5]
+    assert row_alphas(RowLayout(4, [3, 2, 1, 0]), GUIDANCE_SWITCHES, module=0) == [0.0, 1.0, 0.0, 0.0]
+    assert row_alphas(RowLayout(4, [3, 2, 1, 0]), GUIDANCE_SWITCHES, module=1) == [1.0, 0.0, 0.0, 0.0]
+    assert row_alphas(RowLayout(4, [2, 0, 3, 1]), GUIDANCE_SWITCHES, module=1) == [0.0, 0.0, 1.0, 0.0]
 
 
 def test_switched_branch_leaves_rows_with_alpha_zero_bit_for_bit():

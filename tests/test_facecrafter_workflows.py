@@ -24,7 +24,7 @@ from workflows import run
 
 pytestmark = pytest.mark.comfyui
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-FACECRAFTER_WORKFLOWS = sorted(WORKFLOWS.glob("facecrafter_*_api.json"))
+FACECRAFTER_WORKFLOWS = sorted((WORKFLOWS / "api").glob("facecrafter_*.json"))
 MODEL_FILES = {
     "diffusion_models": "arc2face/diffusion_pytorch_model.safetensors",
     "vae": "sd-vae-ft-mse/diffusion_pytorch_model.safetensors",
@@ -73,26 +73,17 @@ def test_workflow_validates_against_comfyui_node_definitions(comfy, placeholders
     assert set(outputs) == output_nodes
 
 
-@pytest.mark.parametrize("api_path", FACECRAFTER_WORKFLOWS, ids=lambda p: p.name)
-def test_ui_form_is_generated_from_the_api_form(comfy, api_path):
-    from workflows import convert
-
-    expected = convert.api_to_ui(json.loads(api_path.read_text()), comfy.nodes.NODE_CLASS_MAPPINGS)
-    assert json.loads(convert.ui_path(api_path).read_text()) == expected, \
-        f"regenerate with: python workflows/convert.py workflows/{api_path.name}"
-
-
 def test_every_workflow_uses_the_facecrafter_nodes_it_is_about():
     classes = {path.name: {node["class_type"] for node in json.loads(path.read_text()).values()} for path in FACECRAFTER_WORKFLOWS}
     assert {"ExpressionAdaptersApplyFaceCrafter", "ExpressionAdaptersLoadFaceCrafter"} <= set.intersection(*classes.values())
-    assert "ExpressionAdaptersFaceCrafterGuider" in classes["facecrafter_emotion_api.json"]
-    assert "ExpressionAdaptersEmotionChart" in classes["facecrafter_emotion_api.json"]
+    assert "ExpressionAdaptersFaceCrafterGuider" in classes["facecrafter_emotion.json"]
+    assert "ExpressionAdaptersEmotionChart" in classes["facecrafter_emotion.json"]
     assert {"ExpressionAdaptersLandmarkPoseEditor", "ExpressionAdaptersApplyExpressionAdapter",
-            "ExpressionAdaptersFlameExpression", "ExpressionAdaptersEmotion"} <= classes["facecrafter_composition_api.json"]
-    animation = json.loads((WORKFLOWS / "facecrafter_animation_api.json").read_text())
+            "ExpressionAdaptersFlameExpression", "ExpressionAdaptersEmotion"} <= classes["facecrafter_composition.json"]
+    animation = json.loads((WORKFLOWS / "api" / "facecrafter_animation.json").read_text())
     landmarks = next(node for node in animation.values() if node["class_type"] == "ExpressionAdaptersFaceLandmarks")
     assert landmarks["inputs"]["running_mode"] == "video"
-    assert "ExpressionAdaptersEmotionFromImage" in classes["facecrafter_animation_api.json"]
+    assert "ExpressionAdaptersEmotionFromImage" in classes["facecrafter_animation.json"]
 
 
 def full_size_facecrafter(path: Path) -> None:
@@ -125,7 +116,7 @@ def test_emotion_workflow_runs_headless_and_the_emotion_shows(comfy, tmp_path):
     run.add_model_dirs(official_models_dir())
     run.add_model_dirs(models)
     folder_paths.set_output_directory(str(tmp_path / "output"))
-    prompt = json.loads((WORKFLOWS / "facecrafter_emotion_api.json").read_text())
+    prompt = json.loads((WORKFLOWS / "api" / "facecrafter_emotion.json").read_text())
     for node_id in ("1", "2", "3", "4", "5"):
         del prompt[node_id]
     prompt["1"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "arc2face/pytorch_model.bin", "type": "stable_diffusion"}}
@@ -149,7 +140,7 @@ def test_emotion_workflow_runs_headless_and_the_emotion_shows(comfy, tmp_path):
 def test_validation_catches_a_miswired_workflow(comfy, placeholders):
     import execution
 
-    prompt = json.loads((WORKFLOWS / "facecrafter_emotion_api.json").read_text())
+    prompt = json.loads((WORKFLOWS / "api" / "facecrafter_emotion.json").read_text())
     prompt["13"]["inputs"]["positive"] = ["6", 0]  # an EMOTION into the guider's CONDITIONING
     valid, _, _, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     assert "return_type_mismatch" in json.dumps(node_errors)

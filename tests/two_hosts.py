@@ -22,8 +22,9 @@ class Hosts:
         self.t = torch.full((batch,), 500.0)
         self.added, self.y = sdxl_added_conditions(self.unet, batch) if family == "SDXL" else (None, None)
 
-    def comfy(self, model=None, cond_or_uncond=(0,), sigma=1.0):
-        """The ComfyUI UNet's output, after ComfyUI has loaded ``model`` (applying its weight patches)."""
+    def comfy(self, model=None, cond_or_uncond=(0,), sigma=1.0, **transformer_options):
+        """The ComfyUI UNet's output, after ComfyUI has loaded ``model`` (applying its weight patches);
+        ``transformer_options``: more of what ComfyUI's sampler would pass (a ``context_window``, say)."""
         import comfy.model_management
 
         model = model or self.model
@@ -31,6 +32,7 @@ class Hosts:
         options = dict(model.model_options["transformer_options"])
         options["cond_or_uncond"] = list(cond_or_uncond)
         options["sigmas"] = torch.full((self.batch,), float(sigma))
+        options |= transformer_options
         with torch.no_grad():
             return model.model.diffusion_model(self.x, timesteps=self.t, context=self.context, y=self.y,
                                                transformer_options=options)
