@@ -115,6 +115,7 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 
 EXPRESSION_ADAPTER_FILE, REFERENCE_LORA_FILE = "expression_adapter", "reference_lora"
+E_ADAPTER_FILE, FACECRAFTER_FILE = "e_adapter", "facecrafter"  # our own formats: safetensors only
 
 
 def safetensors_keys(path) -> list[str]:
@@ -129,7 +130,8 @@ def safetensors_keys(path) -> list[str]:
 
 def adapter_file_kind(path) -> str | None:
     """Which of our adapter files ``path`` is: :data:`EXPRESSION_ADAPTER_FILE` (``image_proj``/``ip_adapter``
-    keys), :data:`REFERENCE_LORA_FILE` (LoRA keys), or None. Safetensors files are told by their keys
+    keys), :data:`REFERENCE_LORA_FILE` (LoRA keys), :data:`E_ADAPTER_FILE` (``id.*``/``exp.*``),
+    :data:`FACECRAFTER_FILE` (``lmk.*``/``emo.*``), or None. Safetensors files are told by their keys
     (header only); pickled files cannot be read without loading them, so they are told by name: a name
     with ``lora``, ``ref_adapter`` or starting ``ref`` is a Reference LoRA, any other a candidate Expression Adapter (published as
     ``exp_adapter.bin``)."""
@@ -143,6 +145,10 @@ def adapter_file_kind(path) -> str | None:
             return REFERENCE_LORA_FILE
         if any(key.startswith(("image_proj.", "ip_adapter.")) for key in keys):
             return EXPRESSION_ADAPTER_FILE
+        if any(key.startswith(("id.", "exp.")) for key in keys):
+            return E_ADAPTER_FILE
+        if any(key.startswith(("lmk.", "emo.")) for key in keys):
+            return FACECRAFTER_FILE
         return None
     if name.endswith(PICKLE_SUFFIXES):
         reference = "lora" in name or "ref_adapter" in name or os.path.basename(name).startswith("ref")

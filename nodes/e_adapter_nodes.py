@@ -14,6 +14,7 @@ import math
 import folder_paths
 from comfy_api.latest import io
 
+from ..adapters.checkpoints import E_ADAPTER_FILE, adapter_file_kind
 from ..adapters.e_adapter import EAdapter
 from ..adapters.layers import LAYER_SETS
 from ..encoders.expression_metrics import expression_scores
@@ -28,8 +29,12 @@ NONE = "none"
 logger = logging.getLogger(__name__)
 
 
-def file_choices(folder: str) -> list[str]:
-    return [NONE, *folder_paths.get_filename_list(folder)]
+def file_choices(folder: str, kind: str | None = None) -> list[str]:
+    """``none`` and the folder's files (of our ``kind`` only, when given: see ``adapter_file_kind``)."""
+    names = folder_paths.get_filename_list(folder)
+    if kind is not None:
+        names = [name for name in names if adapter_file_kind(folder_paths.get_full_path(folder, name) or name) == kind]
+    return [NONE, *names]
 
 
 def _full_path(folder: str, name: str, what: str) -> str:
@@ -52,7 +57,7 @@ class LoadEAdapter(io.ComfyNode):
             inputs=[
                 io.Combo.Input("source", options=list(SOURCES), default="e_adapter_file",
                                tooltip="e_adapter_file: our trained file; ip_adapter_files: FaceID + image IP-Adapter files"),
-                io.Combo.Input("e_adapter_name", options=file_choices("expression_adapters"),
+                io.Combo.Input("e_adapter_name", options=file_choices("expression_adapters", E_ADAPTER_FILE),
                                tooltip="Our E-Adapter .safetensors in ComfyUI/models/expression_adapters (source e_adapter_file)"),
                 io.Combo.Input("faceid_name", options=file_choices("ipadapter"),
                                tooltip="ip-adapter-faceid_sd15.bin or ip-adapter-faceid_sdxl.bin (h94/IP-Adapter-FaceID) "

@@ -7,10 +7,10 @@ import math
 
 import comfy.model_management as model_management
 import comfy.samplers
-import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..adapters.checkpoints import FACECRAFTER_FILE, adapter_file_kind
 from ..adapters.facecrafter import (
     GUIDANCE_SWITCHES,
     FaceCrafter,
@@ -20,11 +20,16 @@ from ..adapters.facecrafter import (
 )
 from ..encoders.landmark_pose import pose_sweep
 from .facecrafter_patch import SWITCHES_KEY, FaceCrafterPatch, apply_facecrafter, facecrafter_applications
+from .model_folders import model_choices, model_file
 from .types import EmotionType, FaceCrafterType, FaceLandmarksType
 
 CATEGORY = "expression_adapters"
 log = logging.getLogger(__name__)
 
+
+FACECRAFTER_NAME = "facecrafter.safetensors"
+FACECRAFTER_SOURCE = ("your own training run (python -m training.train --config training/configs/facecrafter_joint.yaml "
+                      "exports it; FaceCrafter's authors have published no weights)")
 
 class LoadFaceCrafter(io.ComfyNode):
     @classmethod
@@ -35,7 +40,9 @@ class LoadFaceCrafter(io.ComfyNode):
             category=f"{CATEGORY}/loaders",
             description="Loads FaceCrafter's control modules (LMK: landmark image, EMO: emotion; either may be absent) "
                         "from a .safetensors file in ComfyUI/models/expression_adapters.",
-            inputs=[io.Combo.Input("facecrafter_name", options=folder_paths.get_filename_list("expression_adapters"),
+            inputs=[io.Combo.Input("facecrafter_name",
+                                   options=model_choices("expression_adapters", FACECRAFTER_NAME,
+                                                         lambda path: adapter_file_kind(path) == FACECRAFTER_FILE),
                                    tooltip="A FaceCrafter .safetensors file (lmk.* and/or emo.* sections) in "
                                            "ComfyUI/models/expression_adapters")],
             outputs=[FaceCrafterType.Output(display_name="facecrafter")],
@@ -43,7 +50,7 @@ class LoadFaceCrafter(io.ComfyNode):
 
     @classmethod
     def execute(cls, facecrafter_name):
-        path = folder_paths.get_full_path_or_raise("expression_adapters", facecrafter_name)
+        path = model_file("expression_adapters", facecrafter_name, FACECRAFTER_SOURCE)
         return io.NodeOutput(FaceCrafter.from_file(path))
 
 

@@ -46,16 +46,39 @@ def sample_photo() -> Path:
     return Path(insightface.__file__).parent / "data" / "images" / "Tom_Hanks_54745.png"
 
 
+def placeholder_key(file_name: str) -> str:
+    """A tensor name that makes a placeholder file the kind its loader lists (adapters.checkpoints.adapter_file_kind)."""
+    if "lora" in file_name:
+        return "placeholder.lora.down.weight"
+    if "facecrafter" in file_name:
+        return "lmk.placeholder.weight"
+    if "e_adapter" in file_name:
+        return "id.placeholder.weight"
+    return "placeholder.weight"
+
+
+def write_video(path: Path, picture) -> None:
+    """A one-second video of ``picture`` (a PIL image), for workflows that start from a video file."""
+    import cv2
+    import numpy as np
+
+    frame = cv2.cvtColor(np.asarray(picture.resize((256, 256))), cv2.COLOR_RGB2BGR)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8, (256, 256))
+    for _ in range(8):
+        writer.write(frame)
+    writer.release()
+
+
 class ComfyServer:
     """``python main.py`` of a ComfyUI checkout, with this pack, in a throw-away base directory."""
 
-    def __init__(self, comfyui: Path, base: Path, photo_names=("arc2face_person.jpg",), model_files=()):
+    def __init__(self, comfyui: Path, base: Path, input_files=("arc2face_person.jpg",), model_files=()):
         self.comfyui = Path(comfyui)
         self.base = Path(base)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "server.log"
-        self.photo_names = photo_names
+        self.input_files = input_files
         self.model_files = model_files
         self.process: subprocess.Popen | None = None
 
@@ -68,8 +91,11 @@ class ComfyServer:
         from PIL import Image
 
         photo = Image.open(sample_photo()).convert("RGB")
-        for name in self.photo_names:
-            photo.save(self.base / "input" / name)
+        for name in self.input_files:
+            if name.endswith((".mp4", ".webm", ".mov")):
+                write_video(self.base / "input" / name, photo)
+            else:
+                photo.save(self.base / "input" / name)
         # The files the workflows name, as placeholders, so each loader's list holds the workflow's choice
         # as it would for a user who put the files in place (their contents are never read here).
         for name in self.model_files:
@@ -79,7 +105,7 @@ class ComfyServer:
                 import torch
                 from safetensors.torch import save_file
 
-                save_file({"placeholder.lora.down.weight" if "lora" in name else "placeholder.weight": torch.zeros(1)}, path)
+                save_file({placeholder_key(name): torch.zeros(1)}, path)
             else:
                 path.write_bytes(b"")
         # A returning user: no first-run template dialog, no tours, no new-release popups.

@@ -51,8 +51,16 @@ def frontend(tmp_path_factory):
     except ImportError:
         _unavailable("playwright is not installed (pip install playwright; its own browser download is not needed)")
     base = tmp_path_factory.mktemp("comfyui_base")
-    with ComfyServer(comfyui, base, model_files=workflow_model_files()) as server, Frontend(server, executable) as page:
+    with ComfyServer(comfyui, base, input_files=workflow_input_files(), model_files=workflow_model_files()) as server, Frontend(server, executable) as page:
         yield page
+
+
+def workflow_input_files() -> list[str]:
+    """The photos and videos the examples read from ComfyUI/input."""
+    return sorted({node["inputs"][name] for path in (WORKFLOWS / "api").glob("*.json")
+                   for node in json.loads(path.read_text()).values()
+                   for (class_type, name), folder in convert.FILE_INPUTS.items()
+                   if folder == "input" and node["class_type"] == class_type})
 
 
 def workflow_model_files() -> list[str]:
@@ -62,7 +70,8 @@ def workflow_model_files() -> list[str]:
         for node in json.loads(path.read_text()).values():
             for (class_type, name), folder in convert.FILE_INPUTS.items():
                 value = node["inputs"].get(name)
-                if node["class_type"] == class_type and folder.startswith("models/") and isinstance(value, str):
+                if node["class_type"] == class_type and folder.startswith("models/") and isinstance(value, str) \
+                        and value != convert.NO_FILE:
                     if node["class_type"] == "ExpressionAdaptersLoadArc2FaceIDEncoder":
                         files |= {f"arc2face/{value}/config.json", f"arc2face/{value}/pytorch_model.bin"}
                     else:

@@ -56,12 +56,13 @@ def problems(workflow: dict, object_info: dict) -> list[str]:
         for name in order:
             spec = specs[name]
             widget = _choices(spec) is not None or spec[0] in ("INT", "FLOAT", "BOOLEAN", "STRING")
-            if not widget or name in linked:
+            if not widget:
                 continue
             if not values:
                 found.append(f"{where}: no value for widget {name!r}")
                 break
-            problem = _value_problem(name, spec, values.pop(0))
+            value = values.pop(0)  # a widget fed by a link keeps its slot; its value is not used
+            problem = None if name in linked else _value_problem(name, spec, value)
             if problem:
                 found.append(f"{where}: {problem}")
             if len(spec) > 1 and spec[1].get("control_after_generate"):

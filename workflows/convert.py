@@ -58,7 +58,8 @@ STAGE_OF_CATEGORY = (  # first match of a substring of the node's category
 # Nodes that sit with their neighbours: loaders of the pack (identity, expression or model), image inputs
 # and previews. They take the stage of the node they feed, else of the node feeding them.
 FOLLOWERS = {"LoadImage", "PreviewImage", "SaveImage"}
-IMAGE_NODES = {"LoadImage": 310, "PreviewImage": PREVIEW_HEIGHT, "SaveImage": PREVIEW_HEIGHT}
+# Extra body height of nodes that display something: image previews, and PreviewAny's text box.
+IMAGE_NODES = {"LoadImage": 310, "PreviewImage": PREVIEW_HEIGHT, "SaveImage": PREVIEW_HEIGHT, "PreviewAny": 90}
 
 # Where the files a workflow names go, for the Note: (node type, input) -> folder under ComfyUI/.
 FILE_INPUTS = {
@@ -75,7 +76,14 @@ FILE_INPUTS = {
     ("ExpressionAdaptersLoadSmirkEncoder", "model_name"): "models/smirk",
     ("ExpressionAdaptersLoadFaceLandmarker", "model_name"): "models/mediapipe",
     ("ExpressionAdaptersLoadEmoNet", "model_name"): "models/emotion",
+    ("ExpressionAdaptersLoadEAdapter", "e_adapter_name"): "models/expression_adapters",
+    ("ExpressionAdaptersLoadEAdapter", "faceid_name"): "models/ipadapter",
+    ("ExpressionAdaptersLoadEAdapter", "image_name"): "models/ipadapter",
+    ("ExpressionAdaptersLoadEAdapter", "lora_name"): "models/loras",
+    ("ExpressionAdaptersLoadFaceCrafter", "facecrafter_name"): "models/expression_adapters",
+    ("LoadVideo", "file"): "input",
 }
+NO_FILE = "none"  # a loader's optional file left unset
 FOLDER_NOTES = {  # files a loader finds by itself, without a file input
     "ExpressionAdaptersLoadInsightFace": "models/insightface/models/antelopev2/: scrfd_10g_bnkps.onnx and arcface.onnx",
 }
@@ -171,9 +179,9 @@ def note_text(prompt: dict) -> str:
         node = prompt[node_id]
         for (class_type, name), folder in FILE_INPUTS.items():
             value = node["inputs"].get(name)
-            if node["class_type"] == class_type and isinstance(value, str) and (folder, value) not in seen:
+            if node["class_type"] == class_type and isinstance(value, str) and value != NO_FILE and (folder, value) not in seen:
                 seen.add((folder, value))
-                what = "a photo of the person" if folder == "input" else "model file"
+                what = "a video" if class_type == "LoadVideo" else "a photo"
                 lines.append(f"- {folder}/{value}  ({what}; or pick another in '{node['_meta']['title']}')"
                              if folder == "input" else f"- {folder}/{value}")
         if node["class_type"] in FOLDER_NOTES and node["class_type"] not in seen:
@@ -213,7 +221,13 @@ def api_to_ui(prompt: dict, node_classes: dict) -> dict:
                 outputs_of[origin_id][origin_slot]["links"].append(link_id)
                 entry = {"name": name, "type": link_type, "link": link_id}
                 if kind in WIDGET_TYPES:
+                    # a widget fed by a link keeps its slot in widgets_values (the frontend reads them by position)
                     entry["widget"] = {"name": name}
+                    widgets.append(options.get("default"))
+                    widget_specs.append((kind, options))
+                    if options.get("control_after_generate"):
+                        widgets.append("fixed")
+                        widget_specs.append(("COMBO", {}))
                 inputs.append(entry)
             elif kind in WIDGET_TYPES:
                 widgets.append(value)
