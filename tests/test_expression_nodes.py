@@ -260,19 +260,22 @@ def test_flame_editor_offsets_sets_clamps_and_rejects_nan(ctl, lib, caplog):
     assert "jaw_open" in caplog.text and "clamped" in caplog.text
     jaw = next(i for i in editor.define_schema().inputs if i.id == "jaw_open")
     assert jaw.min < 0 and jaw.max == 0.5  # the slider reaches past the range only to allow offsets
-    with pytest.raises(ValueError, match="jaw_open is not a finite number"):
+    with pytest.raises(ValueError, match="jaw_open must be a finite number"):
         editor.execute(mode="offset", **flame_controls(ctl, jaw_open=math.nan))
 
 
 def test_arkit_editor_and_manual_emotion(ctl, lib, caplog):
     names = ctl.ArkitBlendshapeEditor.NAMES
     assert len(names) == 51 and "_neutral" not in names
-    scores = dict.fromkeys(names, 0.0) | {"jawOpen": 0.6, "mouthSmileLeft": 1.5}
+    # -0.5 is inside the slider (which offsets too) but not a score: "set" clamps it to 0, with a warning
+    scores = dict.fromkeys(names, 0.0) | {"jawOpen": 0.6, "mouthSmileLeft": -0.5}
     with caplog.at_level(logging.WARNING):
         [shapes] = outputs(ctl.ArkitBlendshapeEditor.execute(mode="set", **scores))
     assert "mouthSmileLeft" in caplog.text
     index = lib.expressions.ArkitBlendshapes.index
-    assert shapes.values[0, index("jawOpen")] == pytest.approx(0.6) and shapes.values[0, index("mouthSmileLeft")] == 1.0
+    assert shapes.values[0, index("jawOpen")] == pytest.approx(0.6) and shapes.values[0, index("mouthSmileLeft")] == 0.0
+    with pytest.raises(ValueError, match="mouthSmileLeft must lie between -1 and 1; got 1.5"):  # beyond the slider
+        ctl.ArkitBlendshapeEditor.execute(mode="set", **dict(scores, mouthSmileLeft=1.5))
     [more] = outputs(ctl.ArkitBlendshapeEditor.execute(mode="offset", base=shapes, **dict(scores, mouthSmileLeft=0.0,
                                                                                           jawOpen=-0.2)))
     assert more.values[0, index("jawOpen")] == pytest.approx(0.4)
