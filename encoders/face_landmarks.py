@@ -280,10 +280,16 @@ class FaceLandmarker:
         self.close()
 
     def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        # Garbage collection runs wherever Python decides (inside ComfyUI's model loading, say), and there
+        # MediaPipe's close() can wait forever on its dispatcher thread (seen with mediapipe 1.2: the whole
+        # process hung). So a landmarker nobody closed is let go without waiting: its task's handle is
+        # dropped, which turns MediaPipe's own close()/__del__ into no-ops; the process frees it at exit.
+        # Close landmarkers explicitly (or use ``with``) to release them at once.
+        if getattr(self, "_image_task", None) is not None:
+            task = self._image_task[1]
+            if hasattr(task, "_handle"):
+                task._handle = None
+            self._image_task = None
 
 
 def detect_faces(model: str | os.PathLike, images, face_index: int = 0, running_mode: str = "image",
