@@ -106,8 +106,9 @@ class ApplyEAdapter(io.ComfyNode):
                         "Either condition may be left out. Stacks with IPAdapter, InstantID and our other adapters. "
                         "Suggested: SD1.5 CFG 7.5, 30 steps; SDXL CFG 5.0.",
             inputs=[
-                io.Model.Input("model"),
-                EAdapterType.Input("e_adapter"),
+                io.Model.Input("model", tooltip="An SD1.5 or SDXL model (checkpoint loader, or after the FaceID LoRA), "
+                                                "possibly already patched by other adapters"),
+                EAdapterType.Input("e_adapter", tooltip="From Load E-Adapter"),
                 ArcFaceEmbeddingType.Input("id_embedding", optional=True,
                                            tooltip="Face Embed output with Load InsightFace set to buffalo_l/w600k_r50.onnx; "
                                                    "one row for the whole batch, or one per image"),
@@ -179,7 +180,8 @@ class ExpressionScores(io.ComfyNode):
             inputs=[
                 io.Image.Input("reference", tooltip="The expression photo: one for all generated images, or one per image"),
                 io.Image.Input("generated", tooltip="Generated images"),
-                FaceLandmarkerType.Input("face_landmarker"),
+                FaceLandmarkerType.Input("face_landmarker", tooltip="From Load MediaPipe Face Landmarker: finds the "
+                                                                    "blendshapes and landmarks the scores compare"),
                 io.Int.Input("face_index", default=0, min=0, max=19,
                              tooltip="Which face of each picture: numbered by size, largest first, from 0"),
             ],
