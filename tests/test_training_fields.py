@@ -98,7 +98,14 @@ def prepared(tmp_path_factory):
 
     faceid = root / "w600k_r50.onnx"
     export_recognizer(faceid, seed=1)
-    pictures = [p for p in write_pictures(root / "pictures") if "t1" in p.name]  # the stand-in detector's faces are t1's
+    # t1.jpg and two photometric variants (the stand-in detector's faces are t1's, so geometry must stay). Not the
+    # blurred variant: on FFHQ-aligned crops MediaPipe finds no face in it, and prepare rightly skips it.
+    import cv2
+
+    pictures = [p for p in write_pictures(root / "pictures") if p.name in ("a_t1.png", "b_t1_bright.png")]
+    dark = root / "pictures" / "c_t1_dark.png"
+    cv2.imwrite(str(dark), cv2.convertScaleAbs(cv2.imread(str(pictures[0])), alpha=0.85, beta=0))
+    pictures.append(dark)
     (root / "persons.txt").write_text("pictures/a_t1.png,rachel\npictures/b_t1_bright.png,rachel\n")
     clip = write_tiny_clip_vision(root / "clip_vision")
     emonet = write_tiny_emonet(root / "emonet_8.pth")
