@@ -132,13 +132,17 @@ def crop_square(box, height: int, width: int, scale: float) -> tuple[int, int, i
             min(width, int(round(cx + half))), min(height, int(round(cy + half))))
 
 
+class NoFaceFound(ValueError):
+    """MediaPipe found no face in (some) images of a batch."""
+
+
 def _fill_missing(rows: list, found: list[bool], on_missing: str, hint: str = "") -> list:
     missing = [i for i, ok in enumerate(found) if not ok]
     if not missing:
         return rows
     if on_missing == "error" or all(not ok for ok in found):
         which = ", ".join(str(i + 1) for i in missing)
-        raise ValueError(
+        raise NoFaceFound(
             f"no face found in image {which} of the batch (counting from 1)"
             + ("" if on_missing == "error" else "; no image of the batch has a face to copy from")
             + (f". {hint}" if hint else "")
@@ -267,6 +271,16 @@ class FaceLandmarker:
             torch.from_numpy(np.stack([r[2] for r in rows])),
             found,
         )
+
+    def detect_each(self, images, face_index: int = 0) -> list[FaceLandmarkerResult | None]:
+        """:meth:`detect` image by image: one single-image result per image, None where it has no face."""
+        results = []
+        for image in to_image_batch(images):
+            try:
+                results.append(self.detect(image[None], face_index=face_index))
+            except NoFaceFound:
+                results.append(None)
+        return results
 
     def close(self) -> None:
         if self._image_task is not None:

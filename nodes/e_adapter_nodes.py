@@ -12,6 +12,7 @@ import logging
 import math
 
 import folder_paths
+import numpy as np
 from comfy_api.latest import io
 
 from ..adapters.checkpoints import E_ADAPTER_FILE, adapter_file_kind
@@ -196,16 +197,33 @@ class ExpressionScores(io.ComfyNode):
 
     @classmethod
     def execute(cls, reference, generated, face_landmarker, face_index):
+        count = generated.shape[0]
+        if reference.shape[0] not in (1, count):
+            raise ValueError(f"{reference.shape[0]} reference images for {count} generated images: give one reference, "
+                             "or one per image")
         ref = face_landmarker.detect(reference, face_index=face_index)
-        gen = face_landmarker.detect(generated, face_index=face_index)
-        scores = expression_scores(ref.blendshapes.values.numpy(), gen.blendshapes.values.numpy(),
-                                   ref.landmarks.values.numpy(), gen.landmarks.values.numpy(),
-                                   tuple(reference.shape[1:3]), tuple(generated.shape[1:3]))
+        # a generated picture without a face (a failed generation) gets no score instead of stopping the run
+        found = {i: result for i, result in enumerate(face_landmarker.detect_each(generated, face_index)) if result is not None}
+        if len(found) < count:
+            logger.warning("Expression Scores: no face found in generated images %s; they get no score",
+                           [i + 1 for i in range(count) if i not in found])
         columns = ("exp_mean", "exp_sum", "lms")
-        rows = [(f"image {i + 1}", [float(scores[c][i]) for c in columns]) for i in range(len(scores["lms"]))]
-        means = [float(scores[c].mean()) for c in columns]
-        rows.append(("mean", means))
-        report = "\n".join(f"{label}: " + ", ".join(f"{c} {v:.4f}" for c, v in zip(columns, values)) for label, values in rows)
+        values = {column: np.full(count, np.nan) for column in columns}
+        scored = sorted(found)
+        if scored:
+            ref_rows = slice(None) if reference.shape[0] == 1 else scored
+            scores = expression_scores(ref.blendshapes.values.numpy()[ref_rows],
+                                       np.concatenate([found[i].blendshapes.values.numpy() for i in scored]),
+                                       ref.landmarks.values.numpy()[ref_rows],
+                                       np.concatenate([found[i].landmarks.values.numpy() for i in scored]),
+                                       tuple(reference.shape[1:3]), tuple(generated.shape[1:3]))
+            for column in columns:
+                values[column][scored] = scores[column]
+        means = [float(values[column][scored].mean()) if scored else math.nan for column in columns]
+        rows = [(f"image {i + 1}" + ("" if i in found else ": no face"), [float(values[c][i]) for c in columns])
+                for i in range(count)]
+        rows.append(("mean" if len(scored) == count else f"mean of {len(scored)} with a face", means))
+        report = "\n".join(f"{label}: " + ", ".join(f"{c} {v:.4f}" for c, v in zip(columns, row)) for label, row in rows)
         return io.NodeOutput(*means, report, score_table(columns, rows))
 
 

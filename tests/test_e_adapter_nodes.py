@@ -9,6 +9,7 @@ stand-in detector (``onnx_face_models``); the real MediaPipe face landmarker whe
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from functools import cache
 from pathlib import Path
@@ -219,8 +220,16 @@ def test_expression_scores_node(nodes, landmarker, t1):
     assert table.shape[0] == 1 and table.shape[-1] == 3 and table.std() > 0
 
     black = torch.zeros(1, 256, 256, 3)
-    with pytest.raises(ValueError, match="(?i)no face"):
+    with pytest.raises(ValueError, match="(?i)no face"):  # the reference is the user's photo: it must have a face
         nodes.ExpressionScores.execute(reference=black, generated=batch, face_landmarker=landmarker, face_index=0)
+    # a generated picture without a face (a failed generation) gets no score; the mean is over the others
+    exp_mean, exp_sum, lms, report, _ = nodes.ExpressionScores.execute(
+        reference=reference, generated=torch.cat([black, batch]), face_landmarker=landmarker, face_index=0).args
+    assert exp_sum == pytest.approx(sums.mean()) and lms == pytest.approx(lmss.mean())
+    assert "image 1: no face: exp_mean nan" in report and report.splitlines()[-1].startswith("mean of 2 with a face:")
+    exp_mean, _, _, report, _ = nodes.ExpressionScores.execute(reference=reference, generated=black,
+                                                               face_landmarker=landmarker, face_index=0).args
+    assert math.isnan(exp_mean) and report.splitlines()[-1].startswith("mean of 0 with a face:")
     with pytest.raises(ValueError, match="2 reference images for 3 generated images"):
         nodes.ExpressionScores.execute(reference=batch, generated=torch.cat([batch, reference]), face_landmarker=landmarker,
                                        face_index=0)

@@ -1,42 +1,37 @@
 """Shipped workflows: each UI form is generated from its API form, and every API form runs headless in ComfyUI.
 
-The runs use full-size random weights written in the published file formats (see official_files: ComfyUI
-recognises an SD1.5 UNet only by its real shapes), through the README's headless command
-(workflows/run.py), ComfyUI's own loaders and PromptExecutor, at 64x64 with 2 steps. They run one after the
-other in this process, and ComfyUI's models are unloaded after each, so the peak is one workflow's models.
-Face detection and recognition are stand-ins (tiny ONNX models that "find" the faces of t1.jpg), SMIRK is a
-SMIRK-shaped encoder with random weights; MediaPipe is Google's real model from the test cache.
+The runs go through the README's headless code (workflows/run.py: ComfyUI's own loaders and
+PromptExecutor) on full-size random weights written in the published file formats (workflow_models:
+ComfyUI recognises SD1.5 and SDXL models only by their real shapes), at 64x64 with 2 steps. They run
+one after another in one ComfyUI process of their own (workflow_jobs.py), so their models never sit in
+the test process, and each workflow's peak memory is measured. SDXL's weights are kept in bf16
+(ComfyUI's --bf16-unet --bf16-text-enc; the CPU still computes in fp32). Face detection and
+recognition are stand-ins (ONNX models that "find" the faces of t1.jpg), SMIRK and EmoNet are
+stand-ins of the published layouts, MediaPipe is Google's real model from the test cache.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_browser import sample_photo
+from comfy_browser import sample_photo, write_video
 from PIL import Image
 
-from official_files import official_models_dir
 from onnx_face_models import insightface_images
-from training_helpers import write_face_models, write_smirk_checkpoint
-from workflows import convert, run
+from workflow_models import LANDMARKER, write_workflow_models
+from workflows import convert
 
 pytestmark = pytest.mark.comfyui
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
-# Run here on the cached full-size Arc2Face stand-ins. The EmojiDiff and FaceCrafter workflows need other files
-# (IP-Adapter, CLIP vision, FaceCrafter, EmoNet, SDXL): each is validated against ComfyUI's node definitions in
-# tests/test_e_adapter_nodes.py and tests/test_facecrafter_workflows.py, and one of each family runs headless
-# in tests/test_emojidiff_workflow_run.py and tests/test_facecrafter_workflows.py.
-HEADLESS_HERE = [path for path in API_WORKFLOWS if not path.stem.startswith(("emojidiff_", "facecrafter_"))]
 SIZE, STEPS = 64, 2
-saved_by_workflow: dict[str, list[Path]] = {}  # each run's images, so that a later test need not run it again
 
 
 def test_each_example_has_a_ui_form_and_thumbnail_in_the_template_folder_and_nothing_else():
@@ -84,95 +79,146 @@ def test_ui_form_is_generated_from_the_api_form(comfy, api_path):
         f"regenerate with: python workflows/convert.py {api_path.relative_to(WORKFLOWS.parent)}"
 
 
-def mediapipe_model() -> Path:
-    cache = Path(os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE", Path.home() / ".cache" / "expression_adapters_tests"))
-    return cache / "mediapipe" / "face_landmarker.task"
-
-
-@pytest.fixture(scope="module")
-def face_and_expression_models(tmp_path_factory):
-    """insightface (stand-in antelopev2), smirk (stand-in) and mediapipe (the real model) in ComfyUI's layout."""
-    root = tmp_path_factory.mktemp("workflow_models")
-    if write_face_models(root / "insightface" / "models" / "antelopev2") is None:
-        pytest.skip("shared test data (t1 face geometry) not found")
-    (root / "smirk").mkdir()
-    write_smirk_checkpoint(root / "smirk" / "SMIRK_em1.pt")
-    (root / "mediapipe").mkdir()
-    if mediapipe_model().is_file():
-        (root / "mediapipe" / "face_landmarker.task").symlink_to(mediapipe_model())
-    return root
+JOBS_SCRIPT = Path(__file__).resolve().parent / "workflow_jobs.py"
+SDXL_FLAGS = "--bf16-unet --bf16-text-enc"  # 2.6B parameters: half the memory, still computed in fp32 on the CPU
+PEAK_GB = 8.0  # the most one full-size workflow run may hold (issue 9's aim for the whole suite)
+VIDEO_FRAMES = 4
+PACK_PREFIX = "ExpressionAdapters"
 
 
 def small(prompt: dict) -> list[str]:
-    """--set overrides that make any workflow cheap: 64x64 latents and 2 sampling steps."""
+    """--set overrides that make any workflow cheap: 64x64 latents, 2 sampling steps, 4 video frames."""
     sets = []
     for node_id, node in prompt.items():
-        if node["class_type"] == "EmptyLatentImage":
+        kind = node["class_type"]
+        if kind == "EmptyLatentImage":
             sets += ["--set", f"{node_id}.width={SIZE}", "--set", f"{node_id}.height={SIZE}"]
-        if node["class_type"] in ("KSampler", "KSamplerAdvanced"):
+            if any(other["class_type"] == "LoadVideo" for other in prompt.values()):
+                sets += ["--set", f"{node_id}.batch_size={VIDEO_FRAMES}"]
+        if kind in ("KSampler", "KSamplerAdvanced", "BasicScheduler"):
             sets += ["--set", f"{node_id}.steps={STEPS}"]
+        if kind == "ImageFromBatch":
+            sets += ["--set", f"{node_id}.length={VIDEO_FRAMES}"]
     return sets
 
 
-def run_headless(output: Path, workflow: Path, *arguments, models=()) -> list[Path]:
-    printed = io.StringIO()
-    model_arguments = [argument for folder in (official_models_dir(), *models) for argument in ("--models", str(folder))]
-    try:
-        with contextlib.redirect_stdout(printed):
-            assert run.main([str(workflow), *map(str, arguments), *model_arguments, "--output-dir", str(output), "--cpu"]) == 0
-    finally:
-        import comfy.model_management
-
-        comfy.model_management.unload_all_models()  # the next workflow starts from an empty ComfyUI
-        gc.collect()
-    return [Path(line) for line in printed.getvalue().split()]
+def switched_off(prompt: dict) -> str:
+    """A --variant with every strength of this pack's nodes at 0 ("" when the workflow has none)."""
+    return " ".join(f"{node_id}.{name}=0" for node_id, node in prompt.items() if node["class_type"].startswith(PACK_PREFIX)
+                    for name, value in node["inputs"].items() if name.endswith("strength") and not isinstance(value, list))
 
 
-@pytest.fixture
-def comfy_dirs(comfy, tmp_path):
-    """ComfyUI's input, output and temp folders in tmp for one test (run.py copies --image files into the input folder)."""
-    import folder_paths
-
-    saved = folder_paths.get_input_directory(), folder_paths.get_temp_directory(), folder_paths.get_output_directory()
-    for name in ("input", "temp", "output"):
-        (tmp_path / name).mkdir()
-    folder_paths.set_input_directory(str(tmp_path / "input"))
-    folder_paths.set_temp_directory(str(tmp_path / "temp"))
-    yield tmp_path
-    folder_paths.set_input_directory(saved[0])
-    folder_paths.set_temp_directory(saved[1])
-    folder_paths.set_output_directory(saved[2])
+def load(api_path: Path) -> dict:
+    return json.loads(api_path.read_text())
 
 
-@pytest.mark.parametrize("api_path", HEADLESS_HERE, ids=lambda p: p.stem)
-def test_every_api_workflow_runs_headless(comfy_dirs, face_and_expression_models, api_path):
-    prompt = json.loads(api_path.read_text())
-    photos = [node_id for node_id, node in prompt.items() if node["class_type"] == "LoadImage"]
-    uses_mediapipe = any(node["class_type"] == "ExpressionAdaptersLoadFaceLandmarker" for node in prompt.values())
-    if uses_mediapipe and not mediapipe_model().is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"MediaPipe's face_landmarker.task is not in the test cache ({mediapipe_model()})")
-        pytest.skip(f"MediaPipe's face_landmarker.task is not in the test cache ({mediapipe_model()})")
-    # MediaPipe's short-range detector needs a face that fills the picture; the stand-in detector finds t1's faces.
-    photo = sample_photo() if uses_mediapipe else insightface_images() / "t1.jpg"
-    images = [argument for node_id in photos for argument in ("--image", f"{node_id}={photo}")]
-    saved = run_headless(comfy_dirs / "output", api_path, *small(prompt), *images, "--seed", "7",
-                         models=[face_and_expression_models])
-    assert saved
-    saved_by_workflow[api_path.stem] = saved
-    batch = max(int(node["inputs"].get("batch_size", 1)) for node in prompt.values() if node["class_type"] == "EmptyLatentImage")
-    assert len(saved) == batch
-    for path in saved:
-        image = np.asarray(Image.open(path))
-        assert path.parent == comfy_dirs / "output" and image.shape == (SIZE, SIZE, 3) and image.std() > 0
+WITH_STRENGTHS = [path for path in API_WORKFLOWS if switched_off(load(path))]
+
+
+def write_photos(folder: Path, t1) -> dict[str, Path]:
+    """t1.jpg (where the stand-in detectors find faces), a crop of its second face (large enough for MediaPipe),
+    a real portrait for MediaPipe, and a short video of it."""
+    rgb, boxes, _ = t1
+    folder.mkdir(parents=True)
+    x0, y0, x1, y1 = boxes[1]
+    side, cx, cy = 2.2 * max(x1 - x0, y1 - y0), (x0 + x1) / 2, (y0 + y1) / 2
+    crop = Image.fromarray(rgb).crop((int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)))
+    crop.resize((256, 256)).save(folder / "expression.png")
+    write_video(folder / "facecrafter_driving.mp4", Image.open(sample_photo()).convert("RGB"))
+    return {"t1": insightface_images() / "t1.jpg", "expression": folder / "expression.png", "portrait": sample_photo(),
+            "video": folder / "facecrafter_driving.mp4"}
+
+
+def photo_for(prompt: dict, node_id: str, photos: dict) -> Path:
+    """MediaPipe needs a face that fills the picture; the stand-in face detectors find t1.jpg's faces."""
+    name = prompt[node_id]["inputs"]["image"]
+    if name == "emojidiff_expression.jpg":
+        return photos["expression"]
+    landmarked = any(node["class_type"] == f"{PACK_PREFIX}FaceLandmarks" and node["inputs"].get("image") == [node_id, 0]
+                     for node in prompt.values())
+    return photos["portrait"] if landmarked and name != "emojidiff_identity.jpg" else photos["t1"]
+
+
+def job(api_path: Path, folder: Path, models: list[Path], photos: dict) -> list[str]:
+    """workflows/run.py's arguments for one workflow: its photos, the small settings, and the strengths-off variant."""
+    prompt = load(api_path)
+    (folder / "input").mkdir(parents=True)
+    if any(node["class_type"] == "LoadVideo" for node in prompt.values()):
+        shutil.copyfile(photos["video"], folder / "input" / photos["video"].name)
+    images = [argument for node_id, node in prompt.items() if node["class_type"] == "LoadImage"
+              for argument in ("--image", f"{node_id}={photo_for(prompt, node_id, photos)}")]
+    variant = switched_off(prompt)
+    return [str(api_path), *small(prompt), *images, "--seed", "7", "--cpu",
+            *(argument for models_dir in models for argument in ("--models", str(models_dir))),
+            *(argument for name in ("output", "input", "temp") for argument in (f"--{name}-dir", str(folder / name))),
+            *(["--variant", variant] if variant else [])]
+
+
+def run_jobs(comfy, folder: Path, jobs: dict, flags: str) -> dict:
+    """The jobs in one ComfyUI process of their own; a job it never reported gets that process's error."""
+    jobs_file, results_file = folder / "jobs.json", folder / "results.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs_file.write_text(json.dumps({"comfyui": str(comfy.path), "comfyui_flags": flags, "jobs": jobs}, indent=1))
+    finished = subprocess.run([sys.executable, str(JOBS_SCRIPT), str(jobs_file), str(results_file)],
+                              capture_output=True, text=True, timeout=1800)
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    crash = f"workflow_jobs.py exited with {finished.returncode} before this job ended:\n{finished.stderr[-6000:]}"
+    return {name: results.get(name, {"runs": [], "error": crash, "peak_gb": None}) for name in jobs}
+
+
+@pytest.fixture(scope="module")
+def headless(comfy, tmp_path_factory, t1):
+    """Every API workflow run headless (and again with this pack's strengths at 0): ``{name: result}``, see workflow_jobs."""
+    if not LANDMARKER.is_file():
+        message = f"MediaPipe's face_landmarker.task is not in the test cache ({LANDMARKER})"
+        pytest.fail(message) if os.environ.get("CI") == "true" else pytest.skip(message)
+    root = tmp_path_factory.mktemp("workflow_runs")
+    models = write_workflow_models(root / "models", t1, comfy.path)
+    photos = write_photos(root / "photos", t1)
+    groups: dict[str, dict] = {"": {}, SDXL_FLAGS: {}}
+    for api_path in API_WORKFLOWS:
+        flags = SDXL_FLAGS if "sdxl" in api_path.stem else ""
+        groups[flags][api_path.stem] = job(api_path, root / api_path.stem, models, photos)
+    results = {}
+    for number, (flags, jobs) in enumerate(groups.items()):
+        results |= run_jobs(comfy, root / f"group{number}", jobs, flags)
+    return root, results
+
+
+def images(paths) -> list[np.ndarray]:
+    return [np.asarray(Image.open(path)).astype(int) for path in paths]
+
+
+@pytest.mark.parametrize("api_path", API_WORKFLOWS, ids=lambda p: p.stem)
+def test_every_api_workflow_runs_headless(headless, api_path):
+    root, results = headless
+    result = results[api_path.stem]
+    assert result["error"] is None, result["error"]
+    prompt = load(api_path)
+    saved = [Path(path) for path in result["runs"][0]]
+    batches = [int(node["inputs"].get("batch_size", 1)) for node in prompt.values() if node["class_type"] == "EmptyLatentImage"]
+    video = any(node["class_type"] == "LoadVideo" for node in prompt.values())
+    savers = sum(node["class_type"] == "SaveImage" for node in prompt.values())
+    assert len(saved) == (VIDEO_FRAMES if video else max(batches)) * savers
+    for path, image in zip(saved, images(saved)):
+        assert path.parent == root / api_path.stem / "output"
+        assert image.shape == (SIZE, SIZE, 3) and image.std() > 0
     previews = {node["_meta"]["title"] for node in prompt.values() if node["class_type"] == "PreviewImage"}
-    assert len(list((comfy_dirs / "temp").glob("*.png"))) >= len(previews)  # each preview showed something
+    assert len(list((root / api_path.stem / "temp").glob("*.png"))) >= len(previews)  # each preview showed something
 
 
-def test_expression_workflow_shows_the_expression(comfy_dirs, tmp_path):
-    """The same run as above (seed 7) with the Expression Adapter's strength at 0 gives another image."""
-    workflow = WORKFLOWS / "api" / "arc2face_expression.json"
-    arguments = [*small(json.loads(workflow.read_text())), "--seed", "7"]
-    [with_expression] = saved_by_workflow.get(workflow.stem) or run_headless(tmp_path / "a", workflow, *arguments)
-    [without] = run_headless(tmp_path / "b", workflow, *arguments, "--strength", "0")
-    assert np.abs(np.asarray(Image.open(with_expression)).astype(int) - np.asarray(Image.open(without)).astype(int)).max() > 0
+@pytest.mark.parametrize("api_path", WITH_STRENGTHS, ids=lambda p: p.stem)
+def test_each_workflows_adapters_change_its_picture(headless, api_path):
+    """The same run (seed 7) with every strength of this pack's nodes at 0 gives other pictures."""
+    _, results = headless
+    result = results[api_path.stem]
+    assert result["error"] is None, result["error"]
+    with_adapters, without = result["runs"]
+    assert len(with_adapters) == len(without)
+    assert max(np.abs(a - b).max() for a, b in zip(images(with_adapters), images(without))) > 0
+
+
+def test_each_workflow_run_holds_at_most_8_gb(headless):
+    _, results = headless
+    peaks = {name: result["peak_gb"] for name, result in results.items()}
+    assert all(peak is not None and peak < PEAK_GB for peak in peaks.values()), peaks

@@ -10,7 +10,12 @@ The workflow must be in ComfyUI's API format (the shipped ones are ``workflows/a
   --image NODE=PATH        copy PATH into ComfyUI's input folder and point that LoadImage node at it
   --models DIR             also search DIR/<folder> for models (DIR/diffusion_models, DIR/expression_adapters, ...);
                            may be given more than once (the last one given is searched first)
-Images the workflow saves go to ComfyUI's output folder (or --output-dir); their paths are printed.
+  --variant "N.IN=V ..."   run again with these further overrides, reusing what earlier runs loaded and computed
+                           (ComfyUI's cache, as in the app); repeatable: a strength sweep costs one model load
+  --comfyui-flags="..."    ComfyUI's own command-line flags, e.g. --comfyui-flags="--bf16-unet --bf16-text-enc"
+                           (half the memory: weights kept in bf16, computed layer by layer in fp32 on the CPU)
+Images the workflow saves go to ComfyUI's output folder (or --output-dir); their paths are printed, one per line,
+each --variant's after a line "# run N: its overrides".
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import atexit
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -40,11 +46,13 @@ def find_comfyui(explicit: str | None = None) -> Path | None:
     return None
 
 
-def start_comfyui(comfyui: Path, force_cpu: bool | None = None, pytorch_attention: bool = False):
+def start_comfyui(comfyui: Path, force_cpu: bool | None = None, pytorch_attention: bool = False, flags=()):
     """Import ComfyUI in this process (as its main.py would) and return its ``nodes`` module.
 
     ``pytorch_attention``: use torch's SDPA for attention, as ComfyUI does on GPUs, also on the CPU
-    (where ComfyUI otherwise picks its slower sub-quadratic attention).
+    (where ComfyUI otherwise picks its slower sub-quadratic attention). ``flags``: ComfyUI's own
+    command-line flags (``["--bf16-unet"]``), read by ComfyUI's parser; they must come before ComfyUI's
+    model management is first imported, so they only count in a fresh process.
     """
     path = str(comfyui)
     if path in sys.path:
@@ -53,6 +61,10 @@ def start_comfyui(comfyui: Path, force_cpu: bool | None = None, pytorch_attentio
     import comfy.cli_args
     import torch
 
+    parser = comfy.cli_args.parser
+    for name, value in vars(parser.parse_args(list(flags))).items():
+        if value != parser.get_default(name):
+            setattr(comfy.cli_args.args, name, value)
     if force_cpu or (force_cpu is None and not torch.cuda.is_available()):
         comfy.cli_args.args.cpu = True  # must precede the first import of comfy.model_management
     if pytorch_attention:
@@ -152,21 +164,31 @@ class _HeadlessServer:
         self.messages.append((event, data))
 
 
-def execute(prompt: dict) -> dict:
-    """Validate and execute an API-format prompt; returns ``{node_id: ui outputs}``; raises on failure."""
+def execute(prompt: dict, executor=None) -> dict:
+    """Validate and execute an API-format prompt; returns ``{node_id: ui outputs}``; raises on failure.
+
+    ``executor``: a ``PromptExecutor`` from an earlier call, whose cache keeps the outputs of nodes whose
+    inputs did not change (loaded models included), as ComfyUI's server does between queued prompts.
+    """
     import execution
 
     prompt_id = str(uuid.uuid4())
     valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid[0]:
         raise RuntimeError(f"invalid workflow: {json.dumps(valid[1])} {json.dumps(valid[3])}")
-    executor = execution.PromptExecutor(_HeadlessServer())
+    executor = executor or new_executor()
     executor.execute(prompt, prompt_id, {}, valid[2])
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
         detail = errors[0] if errors else executor.status_messages[-1:]
         raise RuntimeError(f"workflow failed: {detail}")
     return executor.history_result["outputs"]
+
+
+def new_executor():
+    import execution
+
+    return execution.PromptExecutor(_HeadlessServer())
 
 
 def saved_images(outputs: dict) -> list[Path]:
@@ -180,7 +202,7 @@ def saved_images(outputs: dict) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workflow", type=Path, help="an API-format workflow JSON (workflows/api/*.json)")
     parser.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or ~/ComfyUI)")
@@ -190,28 +212,58 @@ def main(argv=None) -> int:
     parser.add_argument("--strength", type=float)
     parser.add_argument("--models", type=Path, action="append", default=[],
                         help="extra models folder with ComfyUI's layout (repeatable)")
+    parser.add_argument("--variant", dest="variants", action="append", default=[], metavar='"NODE.INPUT=VALUE ..."',
+                        help="run again with these further overrides (space-separated), reusing loaded models; repeatable")
     parser.add_argument("--output-dir", type=Path)
+    parser.add_argument("--input-dir", type=Path, help="ComfyUI's input folder (where --image files are copied)")
+    parser.add_argument("--temp-dir", type=Path, help="ComfyUI's temp folder (where previews are written)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
-    args = parser.parse_args(argv)
+    parser.add_argument("--comfyui-flags", default="", metavar='"--flag ..."',
+                        help='ComfyUI\'s own command-line flags, e.g. --comfyui-flags="--bf16-unet --bf16-text-enc"')
+    return parser
 
-    comfyui = find_comfyui(args.comfyui)
-    if comfyui is None:
-        parser.error("no ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH")
-    comfy_nodes = start_comfyui(comfyui, force_cpu=True if args.cpu else None)
+
+def start_with_pack(comfyui: Path, cpu: bool = False, flags: str = "") -> None:
+    """ComfyUI started in this process with this pack loaded (once per process)."""
+    comfy_nodes = start_comfyui(comfyui, force_cpu=True if cpu else None, flags=shlex.split(flags))
     custom_nodes = Path(tempfile.mkdtemp(prefix="expression_adapters_"))
     atexit.register(shutil.rmtree, custom_nodes, True)  # removes the link only, never the pack it points to
     load_pack(comfy_nodes, custom_nodes)
+
+
+def run_workflow(args: argparse.Namespace, report=lambda line: print(line, flush=True)) -> list[list[Path]]:
+    """The parsed command's workflow and its variants; ``report`` gets each saved path (and a line per variant)."""
     import folder_paths
 
     for models_dir in args.models:
         add_model_dirs(models_dir)
-    if args.output_dir:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        folder_paths.set_output_directory(str(args.output_dir.resolve()))
+    for folder, set_directory in ((args.output_dir, folder_paths.set_output_directory),
+                                  (args.input_dir, folder_paths.set_input_directory),
+                                  (args.temp_dir, folder_paths.set_temp_directory)):
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+            set_directory(str(folder.resolve()))
     prompt = json.loads(args.workflow.read_text())
     prompt = apply_overrides(prompt, args.sets, args.seed, args.strength, args.images)
-    for path in saved_images(execute(prompt)):
-        print(path)
+    executor = new_executor()
+    runs = []
+    for number, variant in enumerate([""] + args.variants, 1):
+        if variant:
+            report(f"# run {number}: {variant}")
+        runs.append(saved_images(execute(apply_overrides(prompt, shlex.split(variant)), executor)))
+        for path in runs[-1]:
+            report(str(path))
+    return runs
+
+
+def main(argv=None) -> int:
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    comfyui = find_comfyui(args.comfyui)
+    if comfyui is None:
+        parser.error("no ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH")
+    start_with_pack(comfyui, args.cpu, args.comfyui_flags)
+    run_workflow(args)
     return 0
 
 

@@ -1,0 +1,70 @@
+"""Several workflow runs, one after another, in one ComfyUI process started once (for tests/test_workflows.py).
+
+    python tests/workflow_jobs.py JOBS.json RESULTS.json
+
+JOBS.json: ``{"comfyui": PATH, "comfyui_flags": "...", "jobs": {NAME: [workflows/run.py arguments ...]}}``.
+RESULTS.json, rewritten after each job: ``{NAME: {"runs": [[saved png, ...] per run], "error": traceback or
+null, "seconds": s, "peak_gb": the job's peak resident memory}}``.
+
+The full-size models stay out of the test process, which keeps its memory small, and ComfyUI starts
+once for all jobs. Each job gets its own executor and ComfyUI's models are unloaded after it, so each
+starts as the first prompt of a fresh ComfyUI does; its peak memory is measured from its own start
+(the kernel's high-water mark, reset per job).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workflows import run  # noqa: E402  (the pack's root must be importable first)
+
+
+def reset_peak_memory() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current resident size
+
+
+def peak_memory_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 2**20, 2)
+    return float("nan")
+
+
+def release_memory() -> None:
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand glibc's freed heap back, so the next job's peak is its own
+
+
+def main(jobs_file: str, results_file: str) -> int:
+    spec = json.loads(Path(jobs_file).read_text())
+    run.start_with_pack(Path(spec["comfyui"]), cpu=True, flags=spec.get("comfyui_flags", ""))
+    results = {}
+    for name, arguments in spec["jobs"].items():
+        release_memory()
+        reset_peak_memory()
+        started = time.monotonic()
+        try:
+            runs = run.run_workflow(run.argument_parser().parse_args(arguments), report=lambda line: None)
+            results[name] = {"runs": [[str(path) for path in saved] for saved in runs], "error": None}
+        except Exception:  # noqa: BLE001  (reported per job; the next job still runs)
+            results[name] = {"runs": [], "error": traceback.format_exc()}
+        results[name] |= {"seconds": round(time.monotonic() - started, 1), "peak_gb": peak_memory_gb()}
+        print(f"{name}: {results[name]['seconds']} s, peak {results[name]['peak_gb']} GB"
+              f"{'' if results[name]['error'] is None else ', FAILED'}", file=sys.stderr, flush=True)
+        Path(results_file).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
