@@ -3,7 +3,7 @@
 For each layer the adapter covers, an ``attn2`` replace computes the layer's usual attention (or
 calls the replace registered before it, so IPAdapter, InstantID and our own branches stack) and
 adds the adapter branch from ``adapters.attention``. Rows follow the shared row layout
-(``adapters.rows``: ``cond_or_uncond`` and ComfyUI's context windows): conditional rows attend to
+(``adapters.rows``: ``cond_or_uncond``, a guider's conditional map, ComfyUI's context windows): conditional rows attend to
 the condition's tokens (per image, the context window's frames), unconditional rows to the
 adapter's unconditional tokens. The sigma gate is decided once per UNet call, and the per-layer
 keys/values live for one sampling run.
@@ -15,7 +15,7 @@ import torch
 
 from ..adapters.attention import decoupled_attention
 from ..adapters.layers import layout_for_cross_attention_keys
-from ..adapters.rows import COND, RowLayout, context_window_frames
+from ..adapters.rows import RowLayout
 from .attention_host import attention_before, transformer_blocks
 
 
@@ -116,19 +116,19 @@ class BranchTokens:
         self._cache.clear()
         self.gate.forget()
 
-    def rows(self, layer, query: torch.Tensor, cond_or_uncond: list[int], frames: list[int] | None = None):
-        """Keys and strength-scaled values for every row of ``query``, chunk by chunk as ``cond_or_uncond`` orders
-        them; ``frames``: the images of the context window being computed, if any."""
-        layout = RowLayout(query.shape[0], cond_or_uncond, frames)
+    def rows(self, layer, query: torch.Tensor, layout: RowLayout):
+        """Keys and strength-scaled values for every row of ``query``, chunk by chunk as ``layout`` orders them:
+        the condition's on conditional chunks (per image, the context window's frames), the unconditional ones elsewhere."""
         cache_key = (layer.comfy_key, query.device, query.dtype, layout.key)
         if cache_key not in self._cache:
             cond_tokens = layout.per_image(self.cond_tokens, f"the {self.condition}").to(query.device, query.dtype)
             branch = self.adapter.branch(layer)
             with torch.no_grad():
                 cond = branch.keys_values(cond_tokens)
-                uncond = branch.keys_values(self.uncond_tokens.to(query.device, query.dtype))
-            keys = layout.stack(lambda index: cond[0] if index == COND else uncond[0].expand(layout.chunk_size, -1, -1))
-            values = layout.stack(lambda index: cond[1] if index == COND else uncond[1].expand(layout.chunk_size, -1, -1))
+                uncond = [t.expand(layout.chunk_size, -1, -1)
+                          for t in branch.keys_values(self.uncond_tokens.to(query.device, query.dtype))]
+            keys = layout.stack(lambda index: cond[0] if layout.conditional(index) else uncond[0])
+            values = layout.stack(lambda index: cond[1] if layout.conditional(index) else uncond[1])
             self._cache[cache_key] = keys, values * self.gate.strength
         return self._cache[cache_key]
 
@@ -148,7 +148,7 @@ class CrossAttentionBranchPatch:
         out = attention_before(self.previous, q, k, v, extra_options)
         if not self.tokens.gate.active(extra_options):
             return out
-        key, value = self.tokens.rows(self.layer, q, extra_options.get("cond_or_uncond"), context_window_frames(extra_options))
+        key, value = self.tokens.rows(self.layer, q, RowLayout.of(q.shape[0], extra_options))
         return out + decoupled_attention(q, key, value, extra_options["n_heads"]).to(out.dtype)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.facecrafter import CFG_SWITCHES, MODULE_NAMES, row_alphas, switched_branch
-from ..adapters.rows import RowLayout, context_window_frames
+from ..adapters.rows import RowLayout
 from .attention_host import attention_before
 from .cross_attention_patch import SigmaGate, check_model_fits
 
@@ -80,7 +80,7 @@ class FaceCrafterPatch:
         out = attention_before(self.previous, q, k, v, extra_options)
         if not self.tokens.gate.active(extra_options):
             return out
-        layout = RowLayout(q.shape[0], extra_options.get("cond_or_uncond"), context_window_frames(extra_options))
+        layout = RowLayout.of(q.shape[0], extra_options)
         switches = extra_options.get(SWITCHES_KEY, CFG_SWITCHES)
         for module, name in enumerate(MODULE_NAMES):
             if name not in self.tokens.active_modules:

@@ -11,7 +11,7 @@ so they stay bit-identical to it; that is why this is a replace and not an ``att
 lengthening the context for every row. The replace registered before ours (another pack's) runs
 for every row: for conditional rows it gets their keys/values with the reference's appended, so
 the Reference Adapter stacks with other ``attn1`` replaces. Which rows read is the shared row
-layout of ``adapters.rows`` (``cond_or_uncond``, context windows).
+layout of ``adapters.rows`` (``cond_or_uncond``, a guider's conditional map, context windows).
 
 The LoRA goes through ``ModelPatcher.add_patches`` with native keys, so it composes with other
 LoRAs, low-VRAM loading and ``unpatch_model``.
@@ -23,7 +23,7 @@ import torch
 
 from ..adapters.layers import SD15, self_attention_layers
 from ..adapters.reference import attend_with_reference
-from ..adapters.rows import COND, RowLayout, context_window_frames
+from ..adapters.rows import COND, RowLayout
 from .attention_host import attention_before, transformer_blocks
 
 
@@ -110,16 +110,16 @@ class ReferenceAttentionPatch:
         return self
 
     def __call__(self, q, k, v, extra_options):
-        layout = RowLayout(q.shape[0], extra_options.get("cond_or_uncond"), context_window_frames(extra_options))
-        reads = layout.mask({COND})
+        layout = RowLayout.of(q.shape[0], extra_options)
+        reads = layout.conditional_mask()
         reference_key, reference_value = self.features.keys_values(self.key, self.attn1, q, layout)
-        if layout.chunks.count(COND) > 1:
-            reference_key = reference_key.repeat(layout.chunks.count(COND), 1, 1)
-            reference_value = reference_value.repeat(layout.chunks.count(COND), 1, 1)
+        if layout.conditional_chunks > 1:  # one chunk's rows per conditional chunk (the FaceCrafter Guider has 3)
+            reference_key = reference_key.repeat(layout.conditional_chunks, 1, 1)
+            reference_value = reference_value.repeat(layout.conditional_chunks, 1, 1)
 
         def attention(q, k, v, reading):
             # the earlier replace sees the rows it gets, with their own chunks in cond_or_uncond
-            chunks = [index for index in layout.chunks if (index == COND) == reading]
+            chunks = [index for index in layout.chunks if layout.conditional(index) == reading]
             return attention_before(self.previous, q, k, v, {**extra_options, "cond_or_uncond": chunks})
 
         return attend_with_reference(q, k, v, reads, reference_key, reference_value, attention)
