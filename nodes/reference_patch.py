@@ -25,6 +25,7 @@ from ..adapters.layers import SD15, self_attention_layers
 from ..adapters.reference import attend_with_reference
 from ..adapters.rows import COND, RowLayout
 from .attention_host import attention_before, transformer_blocks
+from .cross_attention_patch import PerRunCache
 
 
 def check_sd15(model, kind: str) -> None:
@@ -35,34 +36,26 @@ def check_sd15(model, kind: str) -> None:
                          "transformer blocks (SDXL has 70, SD1.5 16)")
 
 
-class ReferenceFeatures:
-    """The recorded ``norm1`` outputs: {patch key: (references, tokens, width)} on the offload device."""
+class ReferenceFeatures(PerRunCache):
+    """The recorded ``norm1`` outputs: {patch key: (references, tokens, width)} on the offload device.
+
+    Their keys/values come from the block's LoRA-patched weights, fixed within a sampling run but not
+    between runs, so they are projected once per run (the per-run cache).
+    """
 
     def __init__(self):
+        super().__init__()
         self.features: dict[tuple[str, int, int], torch.Tensor] = {}
         self.captures = 0  # how many times the write pass ran (tests check: once per generation)
-        self._projected: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def sampling_wrapper(self, executor, *args, **kwargs):
-        """Around each sampling run (``OUTER_SAMPLE``): the reference keys/values come from the block's
-        LoRA-patched weights, fixed within a run but not between runs, so they are projected once per run."""
-        self._projected.clear()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            self._projected.clear()
 
     def keys_values(self, key, attn1: torch.nn.Module, like: torch.Tensor, layout: RowLayout):
         """The recorded tokens of block ``key`` through its ``to_k``/``to_v``, one row per image of a chunk."""
-        cache_key = (key, like.device, like.dtype, layout.chunk_size, layout.frames)
-        if cache_key not in self._projected:
+        def project():
             reference = layout.per_image(self.features[key], "the reference image batch").to(like.device, like.dtype)
             with torch.no_grad():
-                self._projected[cache_key] = attn1.to_k(reference), attn1.to_v(reference)
-        return self._projected[cache_key]
+                return attn1.to_k(reference), attn1.to_v(reference)
+
+        return self.cached((key, like.device, like.dtype, layout.chunk_size, layout.frames), project)
 
     def record(self, n, context, value, extra_options):
         block = extra_options["block"]
