@@ -32,7 +32,7 @@ import torch
 from .attention import decoupled_attention, multi_head_attention
 from .cross_attention_adapter import CrossAttentionAdapter
 from .reference import attend_with_reference, reference_rows
-from .rows import COND, RowLayout
+from .rows import RowLayout
 
 
 class ReferenceBank:
@@ -52,7 +52,7 @@ class ReferenceBank:
         take reference 0, 1, ... or all the one reference), or a :class:`RowLayout`, whose conditional
         chunks read it, as in ComfyUI."""
         if isinstance(rows, RowLayout):
-            rows = rows.mask({COND})
+            rows = rows.conditional_mask()
         self.mode, self.read_rows = "read", rows.bool()
         return self
 

@@ -39,7 +39,7 @@ from torch import nn
 from .attention import KeyValueBranch, decoupled_attention
 from .checkpoints import AdapterFileError, load_strict, read_checkpoint, split_prefix, write_safetensors
 from .layers import SD15, AttentionLayer, UNetLayout, select_layers
-from .rows import RowLayout
+from .rows import COND, UNCOND, RowLayout
 
 EMOTION_DIM = 10
 KIND = "FaceCrafter control modules"
@@ -299,8 +299,15 @@ def _widths_in(sections: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[int, 
 # FaceCrafter Guider's four predictions, as (alpha_LMK, alpha_EMO) per conditioning list index
 # (paper Eq. 6): uncond, ID, ID+LMK, ID+EMO.
 GUIDANCE_SWITCHES = {0: (0.0, 0.0), 1: (0.0, 0.0), 2: (1.0, 0.0), 3: (0.0, 1.0)}
+# Which of those predictions are conditional, for the other adapters on the model (rows.CONDITIONAL_KEY):
+# all but the negative.
+GUIDANCE_CONDITIONAL = {0: False, 1: True, 2: True, 3: True}
 # A plain sampler: conditional rows (index 0) get both branches, unconditional rows (index 1) none.
 CFG_SWITCHES = {0: (1.0, 1.0), 1: (0.0, 0.0)}
+# What the guider's post-CFG hooks see when they run the model again (PAG, SAG): ComfyUI's indices
+# (0 positive, 1 negative) with the positive being the ID prediction, FaceCrafter's branches off,
+# so a hook's re-run of its ``cond`` matches the ``cond_denoised`` it was given.
+HOOK_SWITCHES = {COND: GUIDANCE_SWITCHES[1], UNCOND: GUIDANCE_SWITCHES[0]}
 
 
 def row_alphas(layout: RowLayout, switches: Mapping[int, tuple[float, float]], module: int,

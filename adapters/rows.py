@@ -5,6 +5,11 @@ A guided batch stacks equal chunks, one per prediction. ComfyUI names each chunk
 0..n-1, in any order; only ``[0]`` at CFG 1). Inside a chunk, row ``i`` is image ``i`` of the
 batch, or, under context windows, image ``frames[i]`` of the whole batch.
 
+Which chunks are *conditional* (adapters act on them) is ComfyUI's rule, index ``COND``, unless the
+guider says otherwise: a guider whose indices mean something else (the FaceCrafter Guider: 0 the
+negative, 1..3 positives) puts ``{index: conditional}`` in ``transformer_options[CONDITIONAL_KEY]``,
+and every adapter asks :meth:`RowLayout.conditional` instead of comparing with ``COND``.
+
 Adapters give their per-image inputs (expression tokens, reference features) once for the whole
 batch or once per image; :meth:`RowLayout.per_image` picks the rows a chunk needs, and
 :meth:`RowLayout.stack` / :meth:`RowLayout.scales` lay out rows and per-row scales chunk by chunk
@@ -18,13 +23,24 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 
 COND, UNCOND = 0, 1  # the values ComfyUI puts in transformer_options["cond_or_uncond"]
+# transformer_options entry: {chunk index: is that prediction conditional}, set by guiders with other indices
+CONDITIONAL_KEY = "expression_adapters_conditional"
 
 
 class RowLayout:
-    """The chunks of a batch of ``batch`` rows: their prediction indices, size and (context window) frames."""
+    """The chunks of a batch of ``batch`` rows: their prediction indices, size and (context window) frames.
 
-    def __init__(self, batch: int, cond_or_uncond: Sequence[int] | None = None, frames: Sequence[int] | None = None):
+    ``conditional``: {prediction index: conditional or not} from the guider (:data:`CONDITIONAL_KEY`);
+    without it index ``COND`` is the conditional one.
+    """
+
+    def __init__(self, batch: int, cond_or_uncond: Sequence[int] | None = None, frames: Sequence[int] | None = None,
+                 conditional: Mapping[int, bool] | None = None):
         self.chunks = tuple(int(index) for index in (cond_or_uncond or [COND]))
+        self._conditional = None if conditional is None else {int(index): bool(on) for index, on in conditional.items()}
+        if self._conditional is not None and not set(self.chunks) <= set(self._conditional):
+            missing = sorted(set(self.chunks) - set(self._conditional))
+            raise ValueError(f"prediction indices {missing} are not in the guider's conditional map {self._conditional}")
         if batch % len(self.chunks):
             raise ValueError(f"a batch of {batch} rows does not split into {len(self.chunks)} equal chunks {list(self.chunks)}")
         self.batch = batch
@@ -33,10 +49,29 @@ class RowLayout:
         if self.frames is not None and len(self.frames) != self.chunk_size:
             raise ValueError(f"the context window lists {len(self.frames)} frames but each chunk has {self.chunk_size} rows")
 
+    @classmethod
+    def of(cls, batch: int, transformer_options: Mapping) -> RowLayout:
+        """The layout ComfyUI describes in ``transformer_options`` (or an attention patch's ``extra_options``)."""
+        return cls(batch, transformer_options.get("cond_or_uncond"), context_window_frames(transformer_options),
+                   transformer_options.get(CONDITIONAL_KEY))
+
     @property
     def key(self) -> tuple:
         """What tells layouts apart, for caches."""
-        return self.chunks, self.chunk_size, self.frames
+        return self.chunks, self.chunk_size, self.frames, tuple(map(self.conditional, self.chunks))
+
+    def conditional(self, index: int) -> bool:
+        """Whether prediction ``index`` is conditional: adapters add their condition there, their
+        unconditional input (or nothing) elsewhere."""
+        return index == COND if self._conditional is None else self._conditional[index]
+
+    @property
+    def conditional_chunks(self) -> int:
+        return sum(map(self.conditional, self.chunks))
+
+    def conditional_mask(self) -> torch.Tensor:
+        """A CPU bool per row: True for the rows of conditional chunks."""
+        return self.mask(index for index in self.chunks if self.conditional(index))
 
     def chunk_rows(self, position: int) -> slice:
         return slice(position * self.chunk_size, (position + 1) * self.chunk_size)

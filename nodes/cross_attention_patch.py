@@ -3,7 +3,7 @@
 For each layer the adapter covers, an ``attn2`` replace computes the layer's usual attention (or
 calls the replace registered before it, so IPAdapter, InstantID and our own branches stack) and
 adds the adapter branch from ``adapters.attention``. Rows follow the shared row layout
-(``adapters.rows``: ``cond_or_uncond`` and ComfyUI's context windows): conditional rows attend to
+(``adapters.rows``: ``cond_or_uncond``, a guider's conditional map, ComfyUI's context windows): conditional rows attend to
 the condition's tokens (per image, the context window's frames), unconditional rows to the
 adapter's unconditional tokens. The sigma gate is decided once per UNet call, and the per-layer
 keys/values live for one sampling run.
@@ -11,11 +11,13 @@ keys/values live for one sampling run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..adapters.attention import decoupled_attention
 from ..adapters.layers import layout_for_cross_attention_keys
-from ..adapters.rows import COND, RowLayout, context_window_frames
+from ..adapters.rows import RowLayout
 from .attention_host import attention_before, transformer_blocks
 
 
@@ -83,26 +85,19 @@ class SigmaGate:
         self.decided_for = None
 
 
-class BranchTokens:
-    """One application's tokens, shared by all its layers, with per-layer keys/values cached.
+class PerRunCache:
+    """Keys/values projected once per sampling run and reused at every step.
 
-    Tokens and strength are fixed for the whole sampling run, so each layer's keys and values
-    (the values already times the strength) are projected and laid out in rows once per device,
-    dtype and row layout, instead of at every step. The cache lives for one sampling run
-    (:meth:`sampling_wrapper`, an ``OUTER_SAMPLE`` wrapper), so nothing stays on the GPU after it.
+    :meth:`sampling_wrapper`, an ``OUTER_SAMPLE`` wrapper, empties the cache (and forgets the sigma
+    gate's last decision) around each run, so nothing stays on the GPU after it. ``ModelPatcher.clone()``
+    deep-copies model_options; what is held here is read-only while sampling, so clones share it.
     """
 
-    def __init__(self, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, gate: SigmaGate,
-                 condition: str = "expression"):
-        self.adapter = adapter
-        self.condition = condition  # what the rows are, for messages
-        self.cond_tokens = cond_tokens.detach()
-        self.uncond_tokens = uncond_tokens.detach()
+    def __init__(self, gate: SigmaGate | None = None):
         self.gate = gate
         self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def __deepcopy__(self, memo):
-        # ModelPatcher.clone() deep-copies model_options; the tokens and weights are read-only here.
         return self
 
     def sampling_wrapper(self, executor, *args, **kwargs):
@@ -114,29 +109,53 @@ class BranchTokens:
 
     def clear(self) -> None:
         self._cache.clear()
-        self.gate.forget()
+        if self.gate is not None:
+            self.gate.forget()
 
-    def rows(self, layer, query: torch.Tensor, cond_or_uncond: list[int], frames: list[int] | None = None):
-        """Keys and strength-scaled values for every row of ``query``, chunk by chunk as ``cond_or_uncond`` orders
-        them; ``frames``: the images of the context window being computed, if any."""
-        layout = RowLayout(query.shape[0], cond_or_uncond, frames)
-        cache_key = (layer.comfy_key, query.device, query.dtype, layout.key)
-        if cache_key not in self._cache:
-            cond_tokens = layout.per_image(self.cond_tokens, f"the {self.condition}").to(query.device, query.dtype)
-            branch = self.adapter.branch(layer)
-            with torch.no_grad():
-                cond = branch.keys_values(cond_tokens)
-                uncond = branch.keys_values(self.uncond_tokens.to(query.device, query.dtype))
-            keys = layout.stack(lambda index: cond[0] if index == COND else uncond[0].expand(layout.chunk_size, -1, -1))
-            values = layout.stack(lambda index: cond[1] if index == COND else uncond[1].expand(layout.chunk_size, -1, -1))
-            self._cache[cache_key] = keys, values * self.gate.strength
-        return self._cache[cache_key]
+    def cached(self, key: tuple, compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
 
-class CrossAttentionBranchPatch:
-    """The ``attn2`` replace for one layer: the previous attention plus this adapter's branch."""
+class BranchTokens(PerRunCache):
+    """One application's tokens, shared by all its layers, with per-layer keys/values cached for a run.
 
-    def __init__(self, tokens: BranchTokens, layer, previous=None):
+    Tokens and strength are fixed for the whole sampling run, so each layer's keys and values
+    (the values already times the strength) are projected and laid out in rows once per device,
+    dtype and row layout, instead of at every step.
+    """
+
+    def __init__(self, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, gate: SigmaGate,
+                 condition: str = "expression"):
+        super().__init__(gate)
+        self.adapter = adapter
+        self.condition = condition  # what the rows are, for messages
+        self.cond_tokens = cond_tokens.detach()
+        self.uncond_tokens = uncond_tokens.detach()
+
+    def rows(self, layer, query: torch.Tensor, layout: RowLayout):
+        """Keys and strength-scaled values for every row of ``query``, chunk by chunk as ``layout`` orders them:
+        the condition's on conditional chunks (per image, the context window's frames), the unconditional ones elsewhere."""
+        return self.cached((layer.comfy_key, query.device, query.dtype, layout.key), lambda: self._rows(layer, query, layout))
+
+    def _rows(self, layer, query: torch.Tensor, layout: RowLayout):
+        cond_tokens = layout.per_image(self.cond_tokens, f"the {self.condition}").to(query.device, query.dtype)
+        branch = self.adapter.branch(layer)
+        with torch.no_grad():
+            cond = branch.keys_values(cond_tokens)
+            uncond = [t.expand(layout.chunk_size, -1, -1)
+                      for t in branch.keys_values(self.uncond_tokens.to(query.device, query.dtype))]
+        keys = layout.stack(lambda index: cond[0] if layout.conditional(index) else uncond[0])
+        values = layout.stack(lambda index: cond[1] if layout.conditional(index) else uncond[1])
+        return keys, values * self.gate.strength
+
+
+class BranchPatch:
+    """The ``attn2`` replace for one layer: the previous attention (the replace registered before, or the
+    layer's own) plus what :meth:`add` adds for the batch's row layout, while ``tokens.gate`` is active."""
+
+    def __init__(self, tokens: PerRunCache, layer, previous=None):
         self.tokens = tokens
         self.layer = layer
         self.previous = previous
@@ -148,23 +167,38 @@ class CrossAttentionBranchPatch:
         out = attention_before(self.previous, q, k, v, extra_options)
         if not self.tokens.gate.active(extra_options):
             return out
-        key, value = self.tokens.rows(self.layer, q, extra_options.get("cond_or_uncond"), context_window_frames(extra_options))
+        return self.add(out, q, RowLayout.of(q.shape[0], extra_options), extra_options)
+
+    def add(self, out: torch.Tensor, q: torch.Tensor, layout: RowLayout, extra_options: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CrossAttentionBranchPatch(BranchPatch):
+    """One adapter's branch on one layer."""
+
+    def add(self, out, q, layout, extra_options):
+        key, value = self.tokens.rows(self.layer, q, layout)
         return out + decoupled_attention(q, key, value, extra_options["n_heads"]).to(out.dtype)
+
+
+def install_branch_patches(model, patch_class, tokens: PerRunCache, layers, wrapper_key: str) -> None:
+    """``patch_class(tokens, layer, previous)`` as the ``attn2`` replace of each of ``layers`` on ``model`` (a clone),
+    stacked on the replaces already there, and the per-run cache's ``OUTER_SAMPLE`` wrapper."""
+    from comfy.patcher_extension import WrappersMP
+
+    existing = model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, wrapper_key, tokens.sampling_wrapper)
+    for layer in layers:
+        model.set_model_attn2_replace(patch_class(tokens, layer, previous=existing.get(layer.comfy_key)), *layer.comfy_key)
 
 
 def apply_cross_attention_branch(model, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor,
                                  strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
                                  condition: str = "expression"):
     """A clone of ``model`` with ``adapter``'s branch on each of its layers, stacked on existing replaces."""
-    from comfy.patcher_extension import WrappersMP
-
     check_model_fits(adapter, model)
     patched = model.clone()
     tokens = BranchTokens(adapter, cond_tokens, uncond_tokens, SigmaGate.from_percents(patched, strength, start_at, end_at),
                           condition)
-    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "expression_adapters.branch_tokens", tokens.sampling_wrapper)
-    for layer in adapter.layers:
-        patch = CrossAttentionBranchPatch(tokens, layer, previous=existing.get(layer.comfy_key))
-        patched.set_model_attn2_replace(patch, *layer.comfy_key)
+    install_branch_patches(patched, CrossAttentionBranchPatch, tokens, adapter.layers, "expression_adapters.branch_tokens")
     return patched

@@ -12,14 +12,17 @@ from comfy_api.latest import io
 
 from ..adapters.checkpoints import FACECRAFTER_FILE, adapter_file_kind
 from ..adapters.facecrafter import (
+    GUIDANCE_CONDITIONAL,
     GUIDANCE_SWITCHES,
+    HOOK_SWITCHES,
     FaceCrafter,
     blank_rows,
     check_emotion,
     resize_landmark_images,
 )
+from ..adapters.rows import CONDITIONAL_KEY
 from ..encoders.landmark_pose import pose_sweep
-from .facecrafter_patch import SWITCHES_KEY, FaceCrafterPatch, apply_facecrafter, facecrafter_applications
+from .facecrafter_patch import SWITCHES_KEY, apply_facecrafter, facecrafter_applications
 from .model_folders import model_choices, model_file
 from .types import EmotionType, FaceCrafterType, FaceLandmarksType
 
@@ -144,8 +147,28 @@ class ApplyFaceCrafter(io.ComfyNode):
                                                start_at, end_at))
 
 
+def _with_transformer_options(model_options: dict, entries: dict) -> dict:
+    options = dict(model_options)
+    options["transformer_options"] = dict(model_options.get("transformer_options", {})) | entries
+    return options
+
+
 class FaceCrafterCFGGuider(comfy.samplers.CFGGuider):
-    """Paper Eq. 6 with the four predictions (uncond, ID, ID+LMK, ID+EMO) as one batched model call per step."""
+    """Paper Eq. 6 with the four predictions (uncond, ID, ID+LMK, ID+EMO) as one batched model call per step.
+
+    ComfyUI's predictions are denoised latents, not noise; Eq. 6's weights sum to 1, so the formula
+    is the same on either. The model call tells the patches which prediction each chunk is: FaceCrafter's
+    switches (``facecrafter_switches``) and, for every other adapter on the model (Expression, Reference,
+    E-Adapter), which chunks are conditional (all but the negative: ``rows.CONDITIONAL_KEY``).
+
+    Like ComfyUI's ``cfg_function`` (and its PerpNeg guider), the result goes through the model's
+    ``sampler_post_cfg_function`` hooks with ComfyUI's arguments: ``cond_denoised`` the ID prediction,
+    ``uncond_denoised`` the negative, ``cond_scale`` w_id, ``denoised`` the guided result, plus
+    ``lmk_denoised``/``emo_denoised`` (None where not run) and ``lmk_scale``/``emo_scale``. Hooks that run
+    the model again get options in ComfyUI's plain order (0 the positive as the ID prediction, 1 the
+    negative). ``sampler_cfg_function`` and ``sampler_pre_cfg_function`` replace or edit a two-prediction
+    CFG; Eq. 6 has four, so this guider does not run them (the node warns); our choice.
+    """
 
     def set_conds(self, positive, negative):
         self.inner_set_conds({"positive": positive, "negative": negative})
@@ -159,9 +182,9 @@ class FaceCrafterCFGGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
         negative, positive = self.conds.get("negative"), self.conds.get("positive")
         use_lmk, use_emo = self._used("lmk", self.w_lmk), self._used("emo", self.w_emo)
-        options = dict(model_options)
-        options["transformer_options"] = dict(model_options.get("transformer_options", {})) | {SWITCHES_KEY: GUIDANCE_SWITCHES}
-        # list index = the switch index the patch reads from cond_or_uncond; None entries are not run
+        options = _with_transformer_options(model_options, {SWITCHES_KEY: GUIDANCE_SWITCHES,
+                                                            CONDITIONAL_KEY: GUIDANCE_CONDITIONAL})
+        # list index = the chunk index the patches read from cond_or_uncond; None entries are not run
         uncond, with_id, with_lmk, with_emo = comfy.samplers.calc_cond_batch(
             self.inner_model, [negative, positive, positive if use_lmk else None, positive if use_emo else None],
             x, timestep, options)
@@ -170,17 +193,23 @@ class FaceCrafterCFGGuider(comfy.samplers.CFGGuider):
             guided = guided + self.w_lmk * (with_lmk - with_id)
         if use_emo:
             guided = guided + self.w_emo * (with_emo - with_id)
+        hook_options = _with_transformer_options(model_options, {SWITCHES_KEY: HOOK_SWITCHES})
+        for hook in model_options.get("sampler_post_cfg_function", []):
+            guided = hook({"denoised": guided, "cond": positive, "uncond": negative, "cond_scale": self.w_id,
+                           "model": self.inner_model, "uncond_denoised": uncond, "cond_denoised": with_id,
+                           "sigma": timestep, "model_options": hook_options, "input": x,
+                           "lmk_denoised": with_lmk if use_lmk else None, "emo_denoised": with_emo if use_emo else None,
+                           "lmk_scale": self.w_lmk, "emo_scale": self.w_emo})
         return guided
 
 
-def warn_about_other_branches(model) -> None:
-    """Other attention patches (Expression/Reference Adapter, IPAdapter) read ComfyUI's index 0 as "conditional";
-    under this guider index 0 is the negative, so they would act on the wrong prediction."""
-    replaces = model.model_options["transformer_options"].get("patches_replace", {})
-    others = {type(patch).__name__ for kind in ("attn1", "attn2") for patch in replaces.get(kind, {}).values()} - {FaceCrafterPatch.__name__}
-    if others:
-        log.warning("FaceCrafter Guider: the model also has %s; those patches take the guider's first prediction "
-                    "(the negative) for the conditional one. Sample stacked adapters with a plain KSampler.", ", ".join(sorted(others)))
+def warn_about_unused_cfg_functions(model) -> None:
+    """Functions that replace or edit two-prediction CFG (RescaleCFG, PerpNeg, APG...) do not fit Eq. 6."""
+    unused = [name for name in ("sampler_cfg_function", "sampler_pre_cfg_function") if model.model_options.get(name)]
+    if unused:
+        log.warning("FaceCrafter Guider: the model has %s (from a node such as RescaleCFG, PerpNeg or APG); they "
+                    "change a two-prediction CFG and are not used with the guider's four predictions. Post-CFG hooks "
+                    "(CFGNorm, PAG, SAG...) are used.", " and ".join(unused))
 
 
 class FaceCrafterGuider(io.ComfyNode):
@@ -192,9 +221,12 @@ class FaceCrafterGuider(io.ComfyNode):
             category=f"{CATEGORY}/sampling",
             description="FaceCrafter's multi-condition guidance (paper Eq. 6) for SamplerCustomAdvanced: "
                         "eps + w_id (ID - eps) + w_lmk (ID+LMK - ID) + w_emo (ID+EMO - ID). Four predictions per step "
-                        "(two where a module is unused), in one batched model call. The paper samples with DDPM.",
+                        "(two where a module is unused), in one batched model call; this pack's other adapters on the "
+                        "model act on the three positive predictions, and post-CFG nodes on the result. The paper "
+                        "samples with DDPM.",
             inputs=[
-                io.Model.Input("model", tooltip="A model patched by Apply FaceCrafter"),
+                io.Model.Input("model", tooltip="A model patched by Apply FaceCrafter (Expression/Reference Adapter patches may "
+                                                "sit on it too)"),
                 io.Conditioning.Input("positive", tooltip="Arc2Face ID conditioning (positive)"),
                 io.Conditioning.Input("negative", tooltip="Arc2Face ID conditioning (negative: the empty prompt)"),
                 io.Float.Input("w_id", default=2.5, min=0.0, max=20.0, step=0.1, tooltip="Identity guidance (paper: 2.5)"),
@@ -211,7 +243,7 @@ class FaceCrafterGuider(io.ComfyNode):
         weights = [_finite(name, value, 0.0, 20.0) for name, value in (("w_id", w_id), ("w_lmk", w_lmk), ("w_emo", w_emo))]
         if not facecrafter_applications(model):
             raise ValueError("FaceCrafter Guider needs a model patched by Apply FaceCrafter; use CFGGuider for other models")
-        warn_about_other_branches(model)
+        warn_about_unused_cfg_functions(model)
         guider = FaceCrafterCFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_weights(*weights)

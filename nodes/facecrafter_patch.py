@@ -12,75 +12,54 @@ from __future__ import annotations
 import torch
 
 from ..adapters.facecrafter import CFG_SWITCHES, MODULE_NAMES, row_alphas, switched_branch
-from ..adapters.rows import RowLayout, context_window_frames
-from .attention_host import attention_before
-from .cross_attention_patch import SigmaGate, check_model_fits
+from ..adapters.rows import RowLayout
+from .cross_attention_patch import (
+    BranchPatch,
+    PerRunCache,
+    SigmaGate,
+    check_model_fits,
+    install_branch_patches,
+)
 
 SWITCHES_KEY = "facecrafter_switches"
 APPLICATIONS_KEY = "facecrafter"  # model_options entry listing the FaceCrafter applications on a model
 
 
-class FaceCrafterTokens:
-    """One application: the modules' tokens (computed once, at apply time), strengths and a K/V cache.
-
-    Keys/values per layer are projected at the first step of a sampling run and reused at every
-    step; the cache is emptied around each run (``OUTER_SAMPLE``), so nothing stays on the GPU after.
-    """
+class FaceCrafterTokens(PerRunCache):
+    """One application: the modules' tokens (computed once, at apply time), strengths and a per-run K/V cache."""
 
     def __init__(self, crafter, tokens: dict[str, torch.Tensor | None], strengths: dict[str, float], gate: SigmaGate):
+        super().__init__(gate)
         self.crafter = crafter
         self.tokens = {name: None if t is None else t.detach() for name, t in tokens.items()}
         self.strengths = strengths
-        self.gate = gate
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.projections = 0  # how many K/V projections ran (tests check: once per layer and run)
-
-    def __deepcopy__(self, memo):
-        return self
 
     @property
     def active_modules(self) -> tuple[str, ...]:
         return tuple(name for name in MODULE_NAMES if self.tokens.get(name) is not None and self.strengths[name] != 0.0)
 
-    def sampling_wrapper(self, executor, *args, **kwargs):
-        self._cache.clear()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            self._cache.clear()
-
     def keys_values(self, name: str, layer, query: torch.Tensor, layout: RowLayout):
         """The module's keys/values for every row of ``layout``; one shared row stays one row (expanded where used)."""
-        cache_key = (name, layer.comfy_key, query.device, query.dtype, layout.key)
-        if cache_key not in self._cache:
-            what = "the landmark image" if name == "lmk" else "the emotion"
-            tokens = self.tokens[name]
-            if tokens.shape[0] != 1:  # one per image: the chunk's images (the context window's, if any), in every chunk
-                tokens = layout.per_image(tokens, what)
-            with torch.no_grad():
-                key, value = getattr(self.crafter, name).branch(layer).keys_values(tokens.to(query.device, query.dtype))
-            repeats = 1 if tokens.shape[0] == 1 else len(layout.chunks)
-            self._cache[cache_key] = key.repeat(repeats, 1, 1), value.repeat(repeats, 1, 1)
-            self.projections += 1
-        return self._cache[cache_key]
+        return self.cached((name, layer.comfy_key, query.device, query.dtype, layout.key),
+                           lambda: self._keys_values(name, layer, query, layout))
+
+    def _keys_values(self, name: str, layer, query: torch.Tensor, layout: RowLayout):
+        what = "the landmark image" if name == "lmk" else "the emotion"
+        tokens = self.tokens[name]
+        if tokens.shape[0] != 1:  # one per image: the chunk's images (the context window's, if any), in every chunk
+            tokens = layout.per_image(tokens, what)
+        with torch.no_grad():
+            key, value = getattr(self.crafter, name).branch(layer).keys_values(tokens.to(query.device, query.dtype))
+        repeats = 1 if tokens.shape[0] == 1 else len(layout.chunks)
+        self.projections += 1
+        return key.repeat(repeats, 1, 1), value.repeat(repeats, 1, 1)
 
 
-class FaceCrafterPatch:
-    """The ``attn2`` replace for one layer: the previous attention (ID) plus the switched LMK/EMO branches."""
+class FaceCrafterPatch(BranchPatch):
+    """The previous attention (ID) plus the LMK/EMO branches, switched per chunk."""
 
-    def __init__(self, tokens: FaceCrafterTokens, layer, previous=None):
-        self.tokens = tokens
-        self.layer = layer
-        self.previous = previous
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, q, k, v, extra_options):
-        out = attention_before(self.previous, q, k, v, extra_options)
-        if not self.tokens.gate.active(extra_options):
-            return out
-        layout = RowLayout(q.shape[0], extra_options.get("cond_or_uncond"), context_window_frames(extra_options))
+    def add(self, out, q, layout, extra_options):
         switches = extra_options.get(SWITCHES_KEY, CFG_SWITCHES)
         for module, name in enumerate(MODULE_NAMES):
             if name not in self.tokens.active_modules:
@@ -104,18 +83,13 @@ def check_facecrafter_fits(crafter, model) -> None:
 def apply_facecrafter(model, crafter, landmark_tokens=None, emotion_tokens=None, lmk_strength: float = 1.0,
                       emo_strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0):
     """A clone of ``model`` with FaceCrafter's branches on its layers, stacked on existing ``attn2`` replaces."""
-    from comfy.patcher_extension import WrappersMP
-
     check_facecrafter_fits(crafter, model)
     patched = model.clone()
     gate = SigmaGate.from_percents(patched, 1.0, start_at, end_at)
     tokens = FaceCrafterTokens(crafter, {"lmk": landmark_tokens, "emo": emotion_tokens},
                                {"lmk": float(lmk_strength), "emo": float(emo_strength)}, gate)
-    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     layers = {layer.comfy_key: layer for module in crafter.modules_present().values() for layer in module.layers}
-    for key, layer in layers.items():
-        patched.set_model_attn2_replace(FaceCrafterPatch(tokens, layer, previous=existing.get(key)), *key)
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, f"expression_adapters.facecrafter.{id(tokens)}", tokens.sampling_wrapper)
+    install_branch_patches(patched, FaceCrafterPatch, tokens, layers.values(), f"expression_adapters.facecrafter.{id(tokens)}")
     patched.model_options[APPLICATIONS_KEY] = (*patched.model_options.get(APPLICATIONS_KEY, ()), tokens)
     return patched
 

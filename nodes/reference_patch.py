@@ -11,7 +11,7 @@ so they stay bit-identical to it; that is why this is a replace and not an ``att
 lengthening the context for every row. The replace registered before ours (another pack's) runs
 for every row: for conditional rows it gets their keys/values with the reference's appended, so
 the Reference Adapter stacks with other ``attn1`` replaces. Which rows read is the shared row
-layout of ``adapters.rows`` (``cond_or_uncond``, context windows).
+layout of ``adapters.rows`` (``cond_or_uncond``, a guider's conditional map, context windows).
 
 The LoRA goes through ``ModelPatcher.add_patches`` with native keys, so it composes with other
 LoRAs, low-VRAM loading and ``unpatch_model``.
@@ -23,8 +23,9 @@ import torch
 
 from ..adapters.layers import SD15, self_attention_layers
 from ..adapters.reference import attend_with_reference
-from ..adapters.rows import COND, RowLayout, context_window_frames
+from ..adapters.rows import COND, RowLayout
 from .attention_host import attention_before, transformer_blocks
+from .cross_attention_patch import PerRunCache
 
 
 def check_sd15(model, kind: str) -> None:
@@ -35,34 +36,26 @@ def check_sd15(model, kind: str) -> None:
                          "transformer blocks (SDXL has 70, SD1.5 16)")
 
 
-class ReferenceFeatures:
-    """The recorded ``norm1`` outputs: {patch key: (references, tokens, width)} on the offload device."""
+class ReferenceFeatures(PerRunCache):
+    """The recorded ``norm1`` outputs: {patch key: (references, tokens, width)} on the offload device.
+
+    Their keys/values come from the block's LoRA-patched weights, fixed within a sampling run but not
+    between runs, so they are projected once per run (the per-run cache).
+    """
 
     def __init__(self):
+        super().__init__()
         self.features: dict[tuple[str, int, int], torch.Tensor] = {}
         self.captures = 0  # how many times the write pass ran (tests check: once per generation)
-        self._projected: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def sampling_wrapper(self, executor, *args, **kwargs):
-        """Around each sampling run (``OUTER_SAMPLE``): the reference keys/values come from the block's
-        LoRA-patched weights, fixed within a run but not between runs, so they are projected once per run."""
-        self._projected.clear()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            self._projected.clear()
 
     def keys_values(self, key, attn1: torch.nn.Module, like: torch.Tensor, layout: RowLayout):
         """The recorded tokens of block ``key`` through its ``to_k``/``to_v``, one row per image of a chunk."""
-        cache_key = (key, like.device, like.dtype, layout.chunk_size, layout.frames)
-        if cache_key not in self._projected:
+        def project():
             reference = layout.per_image(self.features[key], "the reference image batch").to(like.device, like.dtype)
             with torch.no_grad():
-                self._projected[cache_key] = attn1.to_k(reference), attn1.to_v(reference)
-        return self._projected[cache_key]
+                return attn1.to_k(reference), attn1.to_v(reference)
+
+        return self.cached((key, like.device, like.dtype, layout.chunk_size, layout.frames), project)
 
     def record(self, n, context, value, extra_options):
         block = extra_options["block"]
@@ -110,16 +103,16 @@ class ReferenceAttentionPatch:
         return self
 
     def __call__(self, q, k, v, extra_options):
-        layout = RowLayout(q.shape[0], extra_options.get("cond_or_uncond"), context_window_frames(extra_options))
-        reads = layout.mask({COND})
+        layout = RowLayout.of(q.shape[0], extra_options)
+        reads = layout.conditional_mask()
         reference_key, reference_value = self.features.keys_values(self.key, self.attn1, q, layout)
-        if layout.chunks.count(COND) > 1:
-            reference_key = reference_key.repeat(layout.chunks.count(COND), 1, 1)
-            reference_value = reference_value.repeat(layout.chunks.count(COND), 1, 1)
+        if layout.conditional_chunks > 1:  # one chunk's rows per conditional chunk (the FaceCrafter Guider has 3)
+            reference_key = reference_key.repeat(layout.conditional_chunks, 1, 1)
+            reference_value = reference_value.repeat(layout.conditional_chunks, 1, 1)
 
         def attention(q, k, v, reading):
             # the earlier replace sees the rows it gets, with their own chunks in cond_or_uncond
-            chunks = [index for index in layout.chunks if (index == COND) == reading]
+            chunks = [index for index in layout.chunks if layout.conditional(index) == reading]
             return attention_before(self.previous, q, k, v, {**extra_options, "cond_or_uncond": chunks})
 
         return attend_with_reference(q, k, v, reads, reference_key, reference_value, attention)

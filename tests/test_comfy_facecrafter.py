@@ -130,23 +130,55 @@ def facecrafter_guider(comfy, model, w_id=2.5, w_lmk=2.0, w_emo=2.0, guider_clas
     return guider
 
 
-def separate_calls_guider(comfy):
-    """Eq. 6 by hand from four separate model calls, each told its own switches."""
+def separate_predictions(model, positive, negative, x, timestep, model_options, negative_index=1):
+    """Eq. 6's four predictions from four separate model calls, each a plain CFG chunk: the negative as CFG's
+    unconditional chunk (index 1: stacked adapters give it their unconditional input, FaceCrafter's branches off),
+    each positive as CFG's conditional chunk (index 0: stacked adapters on) told its FaceCrafter switches.
+    ``negative_index=0``: the negative read as conditional, the mistake stacked adapters made before."""
     import comfy.samplers as samplers
+
+    def one_call(cond, index, switches):
+        options = dict(model_options)
+        options["transformer_options"] = dict(model_options["transformer_options"]) | {
+            "facecrafter_switches": {index: switches}}
+        conds = [None] * index + [cond]
+        return samplers.calc_cond_batch(model, conds, x, timestep, options)[index]
+
+    uncond = one_call(negative, negative_index, GUIDANCE_SWITCHES[0])
+    return [uncond] + [one_call(positive, 0, GUIDANCE_SWITCHES[i]) for i in (1, 2, 3)]
+
+
+def equation_6(w_id, w_lmk, w_emo, e0, e_id, e_lmk, e_emo):
+    return e0 + w_id * (e_id - e0) + w_lmk * (e_lmk - e_id) + w_emo * (e_emo - e_id)
+
+
+def separate_calls_guider(comfy, negative_index=1, after=lambda x, guided: guided):
+    """Eq. 6 by hand from four separate model calls; ``after(x, guided)``: a post-CFG step written out by hand."""
 
     class SeparateCalls(comfy.pack.nodes.facecrafter_nodes.FaceCrafterCFGGuider):
         def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
-            conds = [self.conds["negative"], self.conds["positive"], self.conds["positive"], self.conds["positive"]]
-            eps = []
-            for index, cond in enumerate(conds):
-                options = dict(model_options)
-                options["transformer_options"] = dict(model_options["transformer_options"]) | {
-                    "facecrafter_switches": {0: GUIDANCE_SWITCHES[index]}}
-                eps.append(samplers.calc_cond_batch(self.inner_model, [cond], x, timestep, options)[0])
-            e0, e_id, e_lmk, e_emo = eps
-            return e0 + self.w_id * (e_id - e0) + self.w_lmk * (e_lmk - e_id) + self.w_emo * (e_emo - e_id)
+            eps = separate_predictions(self.inner_model, self.conds["positive"], self.conds["negative"], x, timestep,
+                                       model_options, negative_index)
+            return after(x, equation_6(self.w_id, self.w_lmk, self.w_emo, *eps))
 
     return SeparateCalls
+
+
+def reordering(model, permutation, calls):
+    """A clone of ``model`` whose UNet calls run their chunks permuted (ComfyUI does not fix the order)."""
+    def wrapper(apply_model, args):
+        x, t, c, indices = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
+        calls.append(list(indices))
+        chunks, size = len(indices), x.shape[0] // len(indices)
+        positions = [p for p in permutation if p < chunks]
+        rows = torch.cat([torch.arange(p * size, (p + 1) * size) for p in positions])
+        options = dict(c["transformer_options"]) | {"cond_or_uncond": [indices[p] for p in positions]}
+        out = apply_model(x[rows], t[rows], **(c | {"c_crossattn": c["c_crossattn"][rows], "transformer_options": options}))
+        return out[torch.argsort(rows)]
+
+    reordered = model.clone()
+    reordered.set_model_unet_function_wrapper(wrapper)
+    return reordered
 
 
 @pytest.fixture
@@ -180,27 +212,14 @@ def test_one_module_with_equal_weights_is_plain_cfg_on_id_plus_lmk(comfy, patche
     torch.testing.assert_close(guided, sample(comfy, lmk_only, cfg_guider(lmk_only, 2.0)), **SAMPLED)
 
 
+PERMUTATIONS = ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1])
+
+
 def test_guider_result_does_not_depend_on_how_comfyui_orders_the_chunks(comfy, patched):
     _, model, _, _ = patched
     calls = []
-
-    def reorder(permutation):
-        def wrapper(apply_model, args):
-            x, t, c, indices = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
-            calls.append(list(indices))
-            chunks, size = len(indices), x.shape[0] // len(indices)
-            positions = [p for p in permutation if p < chunks]
-            rows = torch.cat([torch.arange(p * size, (p + 1) * size) for p in positions])
-            options = dict(c["transformer_options"]) | {"cond_or_uncond": [indices[p] for p in positions]}
-            out = apply_model(x[rows], t[rows], **(c | {"c_crossattn": c["c_crossattn"][rows], "transformer_options": options}))
-            return out[torch.argsort(rows)]
-        return wrapper
-
-    results = []
-    for permutation in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
-        reordered = model.clone()
-        reordered.set_model_unet_function_wrapper(reorder(permutation))
-        results.append(sample(comfy, reordered, facecrafter_guider(comfy, reordered), steps=2))
+    results = [sample(comfy, reordered, facecrafter_guider(comfy, reordered), steps=2)
+               for reordered in (reordering(model, permutation, calls) for permutation in PERMUTATIONS)]
     assert len(calls) == 3 * 2 and all(sorted(c) == [0, 1, 2, 3] for c in calls)  # one call of 4 chunks per step
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], **SAMPLED)
@@ -244,6 +263,100 @@ def test_the_reference_adapter_goes_on_top(comfy):
     one = hosts.comfy(on_top, cond_or_uncond=[1, 0])
     torch.testing.assert_close(one, hosts.comfy(underneath, cond_or_uncond=[1, 0]), atol=1e-6, rtol=1e-6)
     assert (one - hosts.comfy(reference_only, cond_or_uncond=[1, 0])).abs().max() > 1e-3  # both act
+
+
+def stacked_model(comfy, kind, hosts, crafter, lmk, emo):
+    """FaceCrafter with the Expression Adapter underneath, or the Reference Adapter on top (as the README stacks them)."""
+    generator = torch.Generator().manual_seed(31)
+    if kind == "expression":
+        adapter = random_expression_adapter()
+        with torch.no_grad():
+            cond, uncond = adapter.expression_tokens(torch.randn(1, 55, generator=generator)), adapter.unconditional_tokens()
+        underneath = comfy.pack.nodes.cross_attention_patch.apply_cross_attention_branch(hosts.model, adapter, cond, uncond)
+        return apply(comfy, underneath, crafter, lmk, emo)
+    lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
+    latent = torch.randn(1, 4, 8, 8, generator=generator)
+    on_top, _ = comfy.pack.nodes.reference_patch.apply_reference_adapter(apply(comfy, hosts.model, crafter, lmk, emo),
+                                                                        lora, latent, POSITIVE, 0.8)
+    return on_top
+
+
+@pytest.mark.parametrize("kind", ["expression", "reference"])
+def test_stacked_adapters_act_on_the_guiders_three_positives_and_not_its_negative(comfy, kind):
+    hosts = Hosts("SD1.5", batch=1)
+    crafter = random_facecrafter()
+    lmk, emo = tokens_of(crafter, landmark_images(), torch.rand(1, 10, generator=torch.Generator().manual_seed(3)))
+    stacked = stacked_model(comfy, kind, hosts, crafter, lmk, emo)
+    guided = sample(comfy, stacked, facecrafter_guider(comfy, stacked))
+    by_hand = sample(comfy, stacked, facecrafter_guider(comfy, stacked, guider_class=separate_calls_guider(comfy)))
+    torch.testing.assert_close(guided, by_hand, **SAMPLED)
+    # the test tells the old mistake apart (the negative read as conditional), and the stacked adapter acts
+    mistaken = sample(comfy, stacked, facecrafter_guider(comfy, stacked, guider_class=separate_calls_guider(comfy, 0)))
+    assert (guided - mistaken).abs().max() > 1e-2
+    facecrafter_only = apply(comfy, hosts.model, crafter, lmk, emo)
+    assert (guided - sample(comfy, facecrafter_only, facecrafter_guider(comfy, facecrafter_only))).abs().max() > 1e-2
+    calls = []
+    for permutation in PERMUTATIONS[1:]:
+        reordered = reordering(stacked, permutation, calls)
+        torch.testing.assert_close(sample(comfy, reordered, facecrafter_guider(comfy, reordered)), guided, **SAMPLED)
+    assert len(calls) == 2 * 2 and all(sorted(c) == [0, 1, 2, 3] for c in calls)  # 4 chunks in one call per step
+
+
+# -- post-CFG hooks ---------------------------------------------------------------------------------
+
+def test_post_cfg_hooks_get_the_guided_result_and_comfyuis_arguments(comfy):
+    import comfy.samplers as samplers
+
+    hosts = Hosts("SD1.5", batch=1)
+    crafter = random_facecrafter()
+    lmk, emo = tokens_of(crafter, landmark_images(), torch.rand(1, 10, generator=torch.Generator().manual_seed(4)))
+    stacked = stacked_model(comfy, "expression", hosts, crafter, lmk, emo)
+    seen = []
+
+    def hook(args):
+        x, sigma, options = args["input"], args["sigma"], args["model_options"]
+        e0, e_id, e_lmk, e_emo = separate_predictions(args["model"], args["cond"], args["uncond"], x, sigma, options)
+        torch.testing.assert_close(args["denoised"], equation_6(2.5, 2.0, 2.0, e0, e_id, e_lmk, e_emo), **SAMPLED)
+        for name, expected in (("uncond_denoised", e0), ("cond_denoised", e_id), ("lmk_denoised", e_lmk),
+                               ("emo_denoised", e_emo)):
+            torch.testing.assert_close(args[name], expected, **SAMPLED)
+        assert (args["cond_scale"], args["lmk_scale"], args["emo_scale"]) == (2.5, 2.0, 2.0)
+        # a hook that runs the model again on its cond (PAG, SAG do) gets the ID prediction it was given
+        [again] = samplers.calc_cond_batch(args["model"], [args["cond"]], x, sigma, options)
+        torch.testing.assert_close(again, args["cond_denoised"], **SAMPLED)
+        seen.append(float(sigma.max()))
+        return args["denoised"] * 0.5  # used: halves what the sampler steps to
+
+    hooked = stacked.clone()
+    hooked.set_model_sampler_post_cfg_function(hook)
+    halved = sample(comfy, hooked, facecrafter_guider(comfy, hooked), steps=2)
+    assert len(seen) == 2
+    by_hand = separate_calls_guider(comfy, after=lambda x, guided: guided * 0.5)
+    torch.testing.assert_close(halved, sample(comfy, stacked, facecrafter_guider(comfy, stacked, guider_class=by_hand)),
+                               **SAMPLED)
+
+
+def test_a_core_post_cfg_node_shapes_the_guided_result(comfy, patched):
+    from comfy_extras.nodes_eps import EpsilonScaling
+
+    _, model, _, _ = patched
+    [scaled] = EpsilonScaling.execute(model, 1.1).result
+    guided = sample(comfy, scaled, facecrafter_guider(comfy, scaled))
+    # Epsilon Scaling, by its paper: the guided noise x - denoised divided by the factor
+    by_hand = separate_calls_guider(comfy, after=lambda x, denoised: x - (x - denoised) / 1.1)
+    torch.testing.assert_close(guided, sample(comfy, scaled, facecrafter_guider(comfy, scaled, guider_class=by_hand)),
+                               **SAMPLED)
+    assert (guided - sample(comfy, model, facecrafter_guider(comfy, model))).abs().max() > 1e-2
+
+
+def test_cfg_functions_that_do_not_fit_four_predictions_are_named(comfy, patched, caplog):
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    _, model, _, _ = patched
+    [rescaled] = RescaleCFG().patch(model, 0.7)
+    with caplog.at_level(logging.WARNING):
+        facecrafter_guider(comfy, rescaled)
+    assert "the model has sampler_cfg_function (from a node such as RescaleCFG" in caplog.text
 
 
 # -- nodes and bad inputs -------------------------------------------------------------------------

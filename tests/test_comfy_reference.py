@@ -109,7 +109,7 @@ def test_reference_features_are_written_once_per_generation_not_per_step(comfy):
                                   torch.zeros(1, 4, 8, 8), disable_pbar=True, seed=0)
     assert torch.isfinite(samples).all()
     assert features.captures == 1
-    assert not features._projected  # the per-run reference keys/values are freed when sampling ends
+    assert not features._cache  # the per-run reference keys/values are freed when sampling ends
     assert all(features.features[key] is tensor for key, tensor in recorded.items())
 
 

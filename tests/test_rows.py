@@ -8,7 +8,7 @@ import torch
 
 from adapters.attention import multi_head_attention
 from adapters.reference import attend_with_reference
-from adapters.rows import COND, UNCOND, RowLayout, context_window_frames
+from adapters.rows import COND, CONDITIONAL_KEY, UNCOND, RowLayout, context_window_frames
 
 
 def test_chunks_follow_cond_or_uncond_in_any_order():
@@ -38,6 +38,33 @@ def test_rows_and_scales_per_chunk_index_for_a_four_prediction_guider():
     assert stacked.flatten().tolist() == [2, 2, 0, 0, 3, 3, 1, 1]
     assert layout.scales({2: 0.5, 3: 1.0}).tolist() == [0.5, 0.5, 0, 0, 1, 1, 0, 0]
     assert layout.scales(lambda index: index / 10).tolist() == pytest.approx([0.2, 0.2, 0, 0, 0.3, 0.3, 0.1, 0.1])
+
+
+def test_conditional_chunks_follow_comfyuis_rule_or_the_guiders_map():
+    plain = RowLayout(4, [UNCOND, COND])
+    assert [plain.conditional(index) for index in (COND, UNCOND)] == [True, False]
+    assert plain.conditional_mask().tolist() == [False, False, True, True] and plain.conditional_chunks == 1
+    # the FaceCrafter Guider: 0 is the negative, 1..3 positives, batched in any order
+    guided = RowLayout(8, [2, 0, 3, 1], conditional={0: False, 1: True, 2: True, 3: True})
+    assert guided.conditional_mask().tolist() == [True, True, False, False, True, True, True, True]
+    assert guided.conditional_chunks == 3 and not guided.conditional(0)
+    negative_only = RowLayout(2, [0], conditional={0: False, 1: True})
+    assert negative_only.conditional_mask().tolist() == [False, False] and negative_only.conditional_chunks == 0
+    # caches keyed by layout tell the two readings of chunk 0 apart
+    assert RowLayout(2, [0]).key != negative_only.key
+    with pytest.raises(ValueError, match=r"prediction indices \[4\] are not in the guider's conditional map"):
+        RowLayout(4, [4, 0], conditional={0: False, 1: True})
+
+
+def test_layout_is_read_from_transformer_options():
+    class Window:
+        index_list = [5, 6]
+
+    options = {"cond_or_uncond": [1, 0], "context_window": Window(), CONDITIONAL_KEY: {0: False, 1: True}}
+    layout = RowLayout.of(4, options)
+    assert layout.chunks == (1, 0) and layout.frames == (5, 6)
+    assert layout.conditional_mask().tolist() == [True, True, False, False]
+    assert RowLayout.of(4, {"cond_or_uncond": [1, 0]}).conditional_mask().tolist() == [False, False, True, True]
 
 
 def test_context_window_frames_are_read_from_transformer_options():
