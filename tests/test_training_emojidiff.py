@@ -25,6 +25,7 @@ from training.demo_data import build_demo_data, find_face_landmarker
 from training.metrics import exp_mean, lms_score
 from training.shards import load_index
 from training.train import Trainer
+from training_helpers import FakeSwapper
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 CONFIGS = {"base": "training/configs/emojidiff_base_smoke.yaml", "refined": "training/configs/emojidiff_refined_smoke.yaml",
@@ -53,14 +54,6 @@ def config(stage, data, output_dir, *overrides):
 def base_export(demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     return Trainer(config("base", demo / "manifest.json", out, "train.max_steps=2")).run().export_path
-
-
-class FakeSwapper:
-    """A test swapper, not a face swapper: returns the source portrait unchanged, so the filter compares the
-    real image X with the real portrait P, whose MediaPipe fields the demo set holds."""
-
-    def swap(self, source, target):
-        return source.copy()
 
 
 def run_idi(demo, base_export, out, *overrides, process_index=0, num_processes=1, max_shards=None):
