@@ -124,7 +124,7 @@ def test_two_processes_split_the_data_average_gradients_export_once_and_resume(s
     common = [f"data.shards={data}", f"train.max_steps={steps}", f"checkpointing.every_steps={every}"]
     first = launch(tmp_path / "first", *common, f"output_dir={run}", config=config)
     keys = assert_synchronised(first, steps)
-    # 16 samples, 4 a global step: no sample read twice within the epoch
+    # 16 samples, 4 a global step: no sample read twice within the epoch (in 4 steps, each read once)
     everything = [key for rank in (0, 1) for step in keys[rank] for key in step]
     assert len(everything) == len(set(everything)) == 4 * steps
     assert len({first[0]["steps"][str(s)]["weights"] for s in range(1, steps + 1)}) == steps  # the weights do move
