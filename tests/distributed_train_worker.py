@@ -1,9 +1,9 @@
 """One process of a multi-process smoke run, launched by tests/test_training_distributed.py under torchrun.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_train_worker.py \\
-        <record folder> [section.key=value ...]
+        <record folder> <config yaml> [section.key=value ...]
 
-Trains the smoke config with the overrides and writes ``rank-<r>.json``: how accelerate set the
+Trains the config (a smoke config) with the overrides and writes ``rank-<r>.json``: how accelerate set the
 run up, the sample keys of each step's batches, each step's loss and a digest of the trainable
 weights after it, and whether this process exported the file.
 """
@@ -31,8 +31,8 @@ def weights_digest(module) -> str:
 
 
 def main() -> None:
-    record_dir, *overrides = sys.argv[1:]
-    config = load_config("training/configs/smoke.yaml", overrides)
+    record_dir, config_path, *overrides = sys.argv[1:]
+    config = load_config(config_path, overrides)
     trainer = Trainer(config)
     accelerator = trainer.accelerator
     batches: list[list[str]] = []

@@ -111,3 +111,36 @@ def export_detector(path, boxes, kps, scores, image_hw, det_size=DET_SIZE, blank
         outputs["kps"][0][anchor] = ((points_det - centre) / stride).reshape(-1)
     module = ConstantOutputs(outputs["scores"] + outputs["boxes"] + outputs["kps"], gated=3 if blank_sees_nothing else 0)
     return _export(module, torch.zeros(1, 3, det_size, det_size), path, [f"out{i}" for i in range(9)])
+
+
+def export_inswapper(path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A stand-in with insightface's ``inswapper_128.onnx`` interface, built with the ``onnx`` package: inputs
+    ``target`` (1 x 3 x 128 x 128, the aligned RGB crop in 0..1) and ``source`` (1 x 512: the source's normed
+    embedding times ``emap``, renormalised, as insightface's INSwapper feeds it), one 1 x 3 x 128 x 128 RGB output
+    in 0..1, and the 512 x 512 ``emap`` as the graph's last initializer (where INSwapper reads it).
+
+    It paints the whole crop one colour, sigmoid(source @ colour_map) (the target enters with weight 0), so the
+    pasted region and the embedding the model was fed can be read off the swapped picture. Returns the matrices."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weights = {"colour_map": rng.normal(0.0, 1.0, (512, 3)).astype(np.float32),
+               "colour_shape": np.array([1, 3, 1, 1], np.int64), "zero": np.zeros((), np.float32),
+               "emap": rng.normal(0.0, 512 ** -0.5, (512, 512)).astype(np.float32)}  # last: INSwapper's emap
+    nodes = [helper.make_node("MatMul", ["source", "colour_map"], ["colour"]),
+             helper.make_node("Sigmoid", ["colour"], ["colour_01"]),
+             helper.make_node("Reshape", ["colour_01", "colour_shape"], ["colour_map_4d"]),
+             helper.make_node("Mul", ["target", "zero"], ["target_weighted"]),
+             helper.make_node("Add", ["target_weighted", "colour_map_4d"], ["output"])]
+    graph = helper.make_graph(
+        nodes, "inswapper_standin",
+        [helper.make_tensor_value_info("target", TensorProto.FLOAT, [1, 3, 128, 128]),
+         helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, 512])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 128, 128])],
+        [numpy_helper.from_array(value, name) for name, value in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return weights

@@ -25,6 +25,7 @@ from training.demo_data import build_demo_data, find_face_landmarker
 from training.metrics import exp_mean, lms_score
 from training.shards import load_index
 from training.train import Trainer
+from training_helpers import FakeSwapper
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 CONFIGS = {"base": "training/configs/emojidiff_base_smoke.yaml", "refined": "training/configs/emojidiff_refined_smoke.yaml",
@@ -53,14 +54,6 @@ def config(stage, data, output_dir, *overrides):
 def base_export(demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     return Trainer(config("base", demo / "manifest.json", out, "train.max_steps=2")).run().export_path
-
-
-class FakeSwapper:
-    """A test swapper, not a face swapper: returns the source portrait unchanged, so the filter compares the
-    real image X with the real portrait P, whose MediaPipe fields the demo set holds."""
-
-    def swap(self, source, target):
-        return source.copy()
 
 
 def run_idi(demo, base_export, out, *overrides, process_index=0, num_processes=1, max_shards=None):
@@ -113,41 +106,61 @@ def test_each_stage_loss_falls_on_a_fixed_batch(stage, demo, idi_shards, tmp_pat
     assert after < 0.9 * before, (before, after)
 
 
-def test_ica_training_lowers_l_sd_and_descent_lowers_its_face_terms(demo, base_export, idi_shards, tmp_path):
-    """With random stand-ins for ArcFace and the FAN the summed L_ft is noise-dominated in 20 steps; what must hold:
-    training lowers L_sd, and descent on one fixed draw lowers 0.08 L_id + 10 L_exp (ANI -> decoder -> warp -> nets)."""
+def test_ica_training_lowers_l_sd(demo, base_export, idi_shards, tmp_path):
+    """Trained on fresh draws, ICA lowers L_sd; its whole L_ft is shown to fall on a fixed draw (below)."""
     trainer = Trainer(config("ica", data_for("ica", demo, idi_shards, shard=True), tmp_path, "train.max_steps=20",
                              "train.learning_rate=1e-2", "checkpointing.every_steps=0", f"emojidiff.exp_teacher={base_export}"))
     stage, module = trainer.stage, trainer.module
     batch = fixed_batch(trainer)
 
-    def term(name, seeds=range(3)):
-        return sum(stage.terms(module, batch, torch.Generator().manual_seed(seed), dropout=False)[name] for seed in seeds) / len(seeds)
+    def loss_sd():
+        with torch.no_grad():
+            return sum(float(stage.terms(module, batch, torch.Generator().manual_seed(seed), dropout=False)["loss_sd"])
+                       for seed in range(3)) / 3
 
-    with torch.no_grad():
-        before = float(term("loss_sd"))
+    before = loss_sd()
     trainer.run()
-    with torch.no_grad():
-        after = float(term("loss_sd"))
-    assert after < 0.97 * before, (before, after)
+    assert loss_sd() < 0.97 * before
 
-    def face_terms():
-        terms = stage.terms(module, batch, torch.Generator().manual_seed(5), dropout=False)
-        return 0.08 * terms["loss_id"] + 10 * terms["loss_exp"]
 
-    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-    start = float(face_terms().detach())
-    for _ in range(5):
-        optimizer.zero_grad()
-        face_terms().backward()
-        optimizer.step()
+def train_on_one_draw(trainer, batch, steps: int, seed: int = 0) -> tuple[float, float]:
+    """The stage's whole loss on one fixed draw (noise, timesteps, crops; no dropout) before and after ``steps``
+    steps of the trainer's own optimizer on that draw."""
+    def loss():
+        return trainer.stage.loss(trainer.module, batch, torch.Generator().manual_seed(seed), dropout=False)
+
     with torch.no_grad():
-        assert float(face_terms()) < 0.95 * start
+        before = float(loss())
+    for _ in range(steps):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        trainer.optimizer.step()
+    with torch.no_grad():
+        return before, float(loss())
+
+
+@pytest.mark.parametrize("stage", ["refined_sdxl", "ica"])
+def test_the_whole_loss_falls_when_trained_on_one_fixed_draw(stage, demo, base_export, idi_shards, tmp_path):
+    """SDXL refined: L_sd; ICA: L_ft = L_sd + 0.08 L_id + 10 L_exp. On fresh draws neither falls measurably in a
+    test's time on the tiny stand-ins (measured: 60 SDXL steps at lr 1e-2 lower the 3-draw mean by 1.3 %; 20 ICA
+    steps lower L_sd by 6 % but raise L_ft): the loss differs more between draws (timestep, noise, crop) than
+    the adapter changes it in a few steps. For ICA also: the adapter starts next to its expression teacher (2
+    base steps apart), so 10 L_exp (about 40 % of L_ft) starts near its minimum and L_sd's descent moves the
+    adapter away from it; and the random stand-in ArcFace maps every face to nearly one direction (L_id about
+    0.003). On one fixed draw the draw-to-draw spread is gone and what remains is whether the stage's loss,
+    through everything it passes (SDXL's time ids and crops; ANI, the decoder, the warps and both face nets),
+    is lowered by training its trainable parameters."""
+    extra = [f"emojidiff.exp_teacher={base_export}"] if stage == "ica" else []
+    trainer = Trainer(config(stage, data_for(stage, demo, idi_shards, shard=True), tmp_path, "train.learning_rate=1e-2",
+                             "checkpointing.every_steps=0", *extra))
+    batch = fixed_batch(trainer)
+    before, after = train_on_one_draw(trainer, batch, steps=15)
+    assert after < 0.9 * before, (before, after)
 
 
 def test_sdxl_stage_trains_the_expression_layers_with_crop_time_ids(demo, idi_shards, tmp_path):
-    """On the tiny SDXL-shaped UNet (the SDXL loss does not fall measurably in a few steps there): gradients reach
-    the ID projection and the expression branch of up_blocks.0.attentions.1 only, through pooled text and time ids."""
+    """On the tiny SDXL-shaped UNet: gradients reach the ID projection and the expression branch of
+    up_blocks.0.attentions.1 only, through pooled text and time ids (its loss falls: the fixed-draw test above)."""
     trainer = Trainer(config("refined_sdxl", data_for("refined_sdxl", demo, idi_shards), tmp_path, "train.max_steps=1"))
     stage, module = trainer.stage, trainer.module
     assert stage.sdxl

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -151,9 +152,14 @@ def test_lpips_with_a_supplied_backbone_file(tmp_path):
     assert distance(a, b) == pytest.approx(distance(b, a), rel=1e-5)
 
 
-def test_liqe_without_pyiqa_or_weights_says_what_to_give(tmp_path):
-    with pytest.raises(metrics.OptionalMetricMissing, match="pyiqa|--liqe-weights"):
+def test_liqe_without_pyiqa_or_weights_says_what_to_give(tmp_path, monkeypatch):
+    with pytest.raises(metrics.OptionalMetricMissing, match="--liqe-weights"):
         metrics.liqe_scorer(tmp_path / "absent.pt")
+    # the weights alone: pyiqa would try to download OpenAI's CLIP ViT-B/32 into torch hub's folder
+    (tmp_path / "LIQE.pt").write_bytes(b"")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(metrics.OptionalMetricMissing, match=re.escape(str(tmp_path / "torch_home" / "hub" / "clip" / "ViT-B-32.pt"))):
+        metrics.liqe_scorer(tmp_path / "LIQE.pt")
 
 
 def test_evaluation_set_columns_diversity_and_paper_table():

@@ -104,3 +104,11 @@ class PreparedModels:
     def prepare_args(self, inputs, out, *extra) -> list[str]:
         return [*map(str, inputs), "--out", str(out), "--insightface", str(self.insightface), "--smirk", str(self.smirk),
                 "--resolution", "64", "--provider", "cpu", "--no-progress", *extra]
+
+
+class FakeSwapper:
+    """A test swapper for IDI, not a face swapper: returns the source portrait unchanged, so the filter compares
+    the real image X with the real portrait P, whose MediaPipe fields the demo set holds."""
+
+    def swap(self, source, target):
+        return source.copy()

@@ -252,14 +252,29 @@ def lpips_distance(backbone_weights, net: str = "alex", weights=None, device="cp
     return distance
 
 
+def liqe_clip_file() -> Path:
+    """Where pyiqa's LIQE looks for OpenAI's CLIP ViT-B/32 (torch hub's ``clip`` folder, under ``$TORCH_HOME``)."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "clip" / "ViT-B-32.pt"
+
+
 def liqe_scorer(weights, device="cpu"):
-    """LIQE image quality (1-5) via ``pyiqa`` with the user's weights file; a clear error when either is absent."""
+    """LIQE image quality (1-5) via ``pyiqa`` with the user's weights file; a clear error when anything is absent.
+
+    pyiqa (0.1.16) builds LIQE around OpenAI's CLIP ViT-B/32 file, which it checks by SHA256 and otherwise
+    downloads, before loading the LIQE weights over it: without that file an offline run would stop on a
+    network error, so its absence is said first."""
+    if weights is None or not Path(weights).is_file():
+        raise OptionalMetricMissing("LIQE needs its weights file (--liqe-weights, pyiqa's LIQE.pt); nothing can be downloaded here")
+    clip = liqe_clip_file()
+    if not clip.is_file():
+        raise OptionalMetricMissing(f"pyiqa's LIQE also needs OpenAI's CLIP ViT-B-32.pt at {clip} (pyiqa checks its SHA256 "
+                                    "and would otherwise download it; set TORCH_HOME to use another folder)")
     try:
         import pyiqa
     except ImportError as error:
         raise OptionalMetricMissing("LIQE needs the pyiqa package (pip install pyiqa) and its liqe weights file") from error
-    if weights is None or not Path(weights).is_file():
-        raise OptionalMetricMissing("LIQE needs its weights file (--liqe-weights, pyiqa's LIQE.pt); nothing can be downloaded here")
     metric = pyiqa.create_metric("liqe", device=device, pretrained_model_path=str(weights))
 
     def score(rgb):

@@ -7,6 +7,7 @@ training (processors, checkpointing, LoRA, sampling) runs as with Arc2Face, only
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -74,8 +75,13 @@ def write_tiny_tokenizer(folder) -> Path:
             if symbols[0] not in vocab:
                 vocab.append(symbols[0])
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    files = {"vocab.json": json.dumps({token: i for i, token in enumerate(vocab)}),
+             "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"}
+    for name, text in files.items():
+        # every process of a multi-process run writes the same files: never let one read another's half-written file
+        partial = folder / f"{name}.{os.getpid()}.partial"
+        partial.write_text(text)
+        os.replace(partial, folder / name)
     return folder
 
 
