@@ -272,3 +272,35 @@ def test_workflow_validates_against_comfyui_node_definitions(comfy, tmp_path, na
             folder_paths.set_input_directory(previous_input)
     assert valid, (error, node_errors)
     assert set(outputs) >= {"18"}
+
+
+def test_the_e_adapter_takes_the_chosen_face_of_a_group_photo(comfy, face_models, t1, nodes, ipadapter_folder):
+    """Face Embed's face_index picks the face whose identity the E-Adapter gets: the second-largest face of t1.jpg
+    gives the embedding insightface's own ArcFaceONNX computes for that face, and another picture than face 1's."""
+    import cv2
+    from insightface.app.common import Face
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+
+    identity_nodes = comfy.pack.nodes.identity_nodes
+    rgb, boxes, kps = t1
+    image = torch.from_numpy(rgb[None].astype(np.float32) / 255.0)
+    with pytest.MonkeyPatch.context() as patch:
+        use_folders(patch, "insightface", face_models)
+        [analyzer] = identity_nodes.LoadInsightFace.execute(provider="cpu", det_size=DET_SIZE, download_missing=False,
+                                                            recognizer="buffalo_l/w600k_r50.onnx").args
+        chosen = {index: identity_nodes.FaceEmbed.execute(face_analyzer=analyzer, image=image, face_index=index,
+                                                          average=False, outlier_distance=0.5).args[0]
+                  for index in (0, 1)}
+    areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
+    second = sorted(range(len(boxes)), key=lambda i: -areas[i])[1]
+    recognizer = ArcFaceONNX(str(face_models / "models" / "buffalo_l" / "w600k_r50.onnx"))
+    expected = recognizer.get(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), Face(kps=np.asarray(kps[second], dtype=np.float32)))
+    expected = torch.from_numpy(expected / np.linalg.norm(expected)).float()
+    torch.testing.assert_close(chosen[1][0], expected, atol=1e-4, rtol=1e-4)
+    assert chosen[1].recognizer == "w600k_r50.onnx"
+
+    hosts = Hosts("SD1.5", 2)
+    adapter = load(nodes, ipadapter_folder, "SD1.5")
+    outputs = [hosts.comfy(apply_node(nodes, hosts.model, adapter, chosen[index], lora_strength=0.0), cond_or_uncond=[0, 1])
+               for index in (0, 1)]
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4

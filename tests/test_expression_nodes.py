@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from headless import run_workflow
 from official_files import official_models_dir
 from workflows import run
 
@@ -411,15 +412,11 @@ def test_every_expression_node_is_categorised_and_described(comfy, enc, ctl):
 
 # --- a graph through ComfyUI's executor --------------------------------------------------------------------
 
-def test_editor_interpolate_apply_adapter_graph_gives_frames_that_move(comfy, ctl, monkeypatch, tmp_path):
+def test_editor_interpolate_apply_adapter_graph_gives_frames_that_move(comfy, ctl, tmp_path):
     """FLAME Expression Editor x2 -> Expression Interpolate (3 frames) -> Apply Expression Adapter on the
     official-format Arc2Face files; every frame shares one noise (LatentBatchSeedBehavior fixed), so the
-    frames differ only by their expressions."""
-    import folder_paths
+    frames differ only by their expressions. Run by workflows/run.py in a process of its own (full-size models)."""
     from safetensors.torch import load_file
-
-    run.add_model_dirs(official_models_dir())
-    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
     # Two non-neutral ends: the random projection (bias-free MLP + LayerNorm) nearly ignores the length of
     # its input, so a path from neutral (zeros) would look like its end from the first step on.
     start = flame_controls(ctl, expression_1=2.0, jaw_open=0.3)
@@ -448,17 +445,16 @@ def test_editor_interpolate_apply_adapter_graph_gives_frames_that_move(comfy, ct
         "15": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["3", 0]}},
         "16": {"class_type": "SaveImage", "inputs": {"images": ["15", 0], "filename_prefix": "frames"}},
     }
-    results = run.execute(prompt)
+    [images] = run_workflow(comfy.path, prompt, tmp_path, models=[official_models_dir()])
 
-    [saved] = results["14"]["latents"]
-    latents = load_file(str(tmp_path / saved["subfolder"] / saved["filename"]))["latent_tensor"].float()
+    [saved] = (tmp_path / "output").glob("*.latent")
+    latents = load_file(str(saved))["latent_tensor"].float()
     assert latents.shape == (3, 4, 8, 8) and torch.isfinite(latents).all()
     a, b, c = latents
     ends = (a - c).norm()
     assert ends > 0 and (a - b).norm() > 0 and (b - c).norm() > 0  # every frame differs from the others
     assert (a - b).norm() < ends and (b - c).norm() < ends  # the middle frame lies between the ends
     assert 0 < float((b - a).flatten() @ (c - a).flatten()) / float(ends**2) < 1
-    images = run.saved_images(results)
     assert len(images) == 3
     from PIL import Image
 

