@@ -195,7 +195,11 @@ def write_workflow_models(root: Path, t1, comfyui: Path) -> list[Path]:
     rgb, boxes, kps = t1
     official_models_dir()
     if not all((CACHE / folder / ".complete").exists() for folder in ("emojidiff-random-v1", "sdxl-random-v1")):
-        subprocess.run([sys.executable, __file__, str(comfyui)], check=True, timeout=1800)
+        here = Path(__file__).resolve().parent
+        path = os.pathsep.join(map(str, (here, here.parent, comfyui)))
+        subprocess.run([sys.executable, "-c", "import comfy.cli_args; comfy.cli_args.args.cpu = True; import workflow_models; "
+                        "workflow_models.write_cached_checkpoints()"],
+                       check=True, timeout=1800, env=os.environ | {"PYTHONPATH": path})
     sd15, sdxl = write_cached_checkpoints()
     for source in (sd15 / SD15_CHECKPOINT, sd15 / CLIP_VISION, sdxl / SDXL_CHECKPOINT):
         link = root / source.relative_to(source.parents[1])
@@ -223,8 +227,3 @@ def write_workflow_models(root: Path, t1, comfyui: Path) -> list[Path]:
     if LANDMARKER.is_file():
         shutil.copyfile(LANDMARKER, root / "mediapipe" / "face_landmarker.task")
     return [official_models_dir(), root]
-
-
-if __name__ == "__main__":  # python tests/workflow_models.py COMFYUI_PATH: writes the cached checkpoints
-    sys.path[:0] = [sys.argv[1], str(Path(__file__).resolve().parents[1])]
-    write_cached_checkpoints()
