@@ -202,6 +202,20 @@ class EAdapter(torch.nn.Module):
         """For ``adapters.diffusers_host.attach_adapters``: tokens go in as ``{"id": ..., "expression": ...}``."""
         return {"id": self.identity, "expression": self.expression_branch(layer_set)}
 
+    def compact_branches(self) -> EAdapter:
+        """Each key/value weight kept in fp16 where that changes no value (the published files are fp16):
+        half the memory for inference, the same keys and values (:class:`KeyValueBranch` computes them
+        in the query's dtype). Weights that fp16 cannot hold exactly (trained in fp32) stay as they are."""
+        for adapter in (self.identity, self.expression):
+            for branch in adapter.ip_adapter.values():
+                for linear in (branch.to_k_ip, branch.to_v_ip):
+                    weight = linear.weight.data
+                    if weight.dtype == torch.float32:
+                        half = weight.half()
+                        if torch.equal(half.float(), weight):
+                            linear.weight.data = half
+        return self
+
     # -- tokens -------------------------------------------------------------------------------
 
     def id_tokens(self, embeddings: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ class LoadEAdapter(io.ComfyNode):
         logger.info("Load E-Adapter: %s, expression layers %s, CLIP %s, ID recogniser %s, FaceID LoRA %s",
                     adapter.layout.name, adapter.expression_layers, adapter.clip_vision, adapter.id_recognizer,
                     adapter.lora_file or (f"{len(adapter.lora)} modules from the FaceID file" if adapter.lora else "none"))
-        return io.NodeOutput(adapter.eval())
+        return io.NodeOutput(adapter.compact_branches().eval())
 
 
 def _check_number(name: str, value: float, low: float, high: float) -> float:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from e_adapter_standins import write_published
+from e_adapter_standins import faceid_state, image_state, write_published
 from encoders.identity import DETECTOR_FILE
 from onnx_face_models import DET_SIZE, export_detector, export_recognizer
 from two_hosts import Hosts as TwoHosts
@@ -304,3 +304,31 @@ def test_the_e_adapter_takes_the_chosen_face_of_a_group_photo(comfy, face_models
     outputs = [hosts.comfy(apply_node(nodes, hosts.model, adapter, chosen[index], lora_strength=0.0), cond_or_uncond=[0, 1])
                for index in (0, 1)]
     assert (outputs[0] - outputs[1]).abs().max() > 1e-4
+
+
+def test_load_e_adapter_keeps_fp16_published_weights_in_fp16_and_gives_the_same_output(nodes, ipadapter_folder, tmp_path):
+    """Published IP-Adapter files are fp16: Load E-Adapter keeps their key/value weights in fp16 (half the
+    memory) and the model's output is that of the library's fp32 copy; fp32-only values stay fp32."""
+    from adapters.e_adapter import EAdapter
+
+    folder = tmp_path / "ipadapter"
+    folder.mkdir()
+    for name, state in (("ip-adapter-faceid_sd15.bin", faceid_state("SD1.5")), ("ip-adapter_sd15.bin", image_state("SD1.5"))):
+        torch.save({part: {key: value.half() for key, value in weights.items()} for part, weights in state.items()},
+                   folder / name)
+    compact = load(nodes, folder, "SD1.5")
+    full = EAdapter.from_published(folder / "ip-adapter-faceid_sd15.bin", folder / "ip-adapter_sd15.bin").eval()
+
+    def branch_weights(adapter):
+        return [p for name, p in adapter.named_parameters() if ".to_k_ip." in name or ".to_v_ip." in name]
+
+    assert {p.dtype for p in branch_weights(compact)} == {torch.float16}
+    assert {p.dtype for p in branch_weights(full)} == {torch.float32}
+    assert {p.dtype for p in branch_weights(load(nodes, ipadapter_folder, "SD1.5"))} == {torch.float32}  # random fp32 values
+
+    hosts = Hosts("SD1.5", 2)
+    embedding, image_embeds = torch.randn(1, 512), torch.randn(1, 1024)
+    outputs = [hosts.comfy(apply_node(nodes, hosts.model, adapter, embedding, image_embeds, lora_strength=0.0),
+                           cond_or_uncond=[0, 1]) for adapter in (compact, full)]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-6)
+    assert (outputs[0] - hosts.comfy(cond_or_uncond=[0, 1])).abs().max() > 1e-4  # the adapter acts

@@ -192,6 +192,7 @@ def images(paths) -> list[np.ndarray]:
     return [np.asarray(Image.open(path)).astype(int) for path in paths]
 
 
+@pytest.mark.full_size
 @pytest.mark.parametrize("api_path", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_every_api_workflow_runs_headless(headless, api_path):
     root, results = headless
@@ -211,6 +212,7 @@ def test_every_api_workflow_runs_headless(headless, api_path):
     assert len(list((root / api_path.stem / "temp").glob("*.png"))) >= len(previews)  # each preview showed something
 
 
+@pytest.mark.full_size
 @pytest.mark.parametrize("api_path", WITH_STRENGTHS, ids=lambda p: p.stem)
 def test_each_workflows_adapters_change_its_picture(headless, api_path):
     """The same run (seed 7) with every strength of this pack's nodes at 0 gives other pictures."""
@@ -222,6 +224,7 @@ def test_each_workflows_adapters_change_its_picture(headless, api_path):
     assert max(np.abs(a - b).max() for a, b in zip(images(with_adapters), images(without))) > 0
 
 
+@pytest.mark.full_size
 def test_each_workflow_run_holds_at_most_8_gb_sdxl_16(headless):
     """Memory the run needs (model files read through mmap also count in its resident size, but the kernel can drop them)."""
     _, results = headless
