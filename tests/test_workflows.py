@@ -83,7 +83,7 @@ JOBS_SCRIPT = Path(__file__).resolve().parent / "workflow_jobs.py"
 # SDXL (2.6B parameters) and emojidiff_compare (two SD1.5 UNets): weights kept in bf16 for half the memory,
 # still computed in fp32 on the CPU (ComfyUI casts layer by layer)
 HALF_WEIGHTS, HALF_FLAGS = ("emojidiff_sdxl", "emojidiff_compare"), "--bf16-unet --bf16-text-enc"
-PEAK_GB = {"emojidiff_sdxl": 16.0}  # the most a run may hold; SDXL (13.7 GB measured) with ViT-H and a 700M-parameter E-Adapter needs more
+PEAK_GB = {"emojidiff_sdxl": 16.0}  # the most a run may hold; SDXL (12.4 GB measured) with ViT-H and a 700M-parameter E-Adapter needs more
 DEFAULT_PEAK_GB = 8.0  # issue 9's aim
 VIDEO_FRAMES = 4
 PACK_PREFIX = "ExpressionAdapters"
