@@ -22,6 +22,7 @@ from ..encoders.expression_metrics import expression_scores
 from ..encoders.previews import score_table
 from .e_adapter_patch import apply_e_adapter
 from .types import ArcFaceEmbeddingType, EAdapterType, FaceLandmarkerType
+from .validation import check_numbers
 
 CATEGORY = "expression_adapters"
 EXPRESSION_LAYER_CHOICES = ["auto", *LAYER_SETS]
@@ -88,13 +89,6 @@ class LoadEAdapter(io.ComfyNode):
         return io.NodeOutput(adapter.compact_branches().eval())
 
 
-def _check_number(name: str, value: float, low: float, high: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or not low <= value <= high:
-        raise ValueError(f"Apply E-Adapter: {name} must be a number from {low} to {high}; got {value}")
-    return value
-
-
 class ApplyEAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -137,9 +131,7 @@ class ApplyEAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, e_adapter, id_strength, expression_strength, expression_layers, start_at, end_at,
                 lora_strength, id_embedding=None, expression_clip_vision=None):
-        id_strength = _check_number("id_strength", id_strength, 0.0, 3.0)
-        expression_strength = _check_number("expression_strength", expression_strength, 0.0, 3.0)
-        lora_strength = _check_number("lora_strength", lora_strength, 0.0, 2.0)
+        check_numbers(cls, id_strength=id_strength, expression_strength=expression_strength, lora_strength=lora_strength)
         image_embeds = None
         if expression_clip_vision is not None:
             image_embeds = expression_clip_vision["image_embeds"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import comfy.model_management as model_management
 import comfy.samplers
@@ -25,6 +24,7 @@ from ..encoders.landmark_pose import pose_sweep
 from .facecrafter_patch import SWITCHES_KEY, apply_facecrafter, facecrafter_applications
 from .model_folders import model_choices, model_file
 from .types import EmotionType, FaceCrafterType, FaceLandmarksType
+from .validation import check_numbers
 
 CATEGORY = "expression_adapters"
 log = logging.getLogger(__name__)
@@ -55,12 +55,6 @@ class LoadFaceCrafter(io.ComfyNode):
     def execute(cls, facecrafter_name):
         path = model_file("expression_adapters", facecrafter_name, FACECRAFTER_SOURCE)
         return io.NodeOutput(FaceCrafter.from_file(path))
-
-
-def _finite(name: str, value: float, low: float, high: float) -> float:
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be a number from {low} to {high}; got {value}")
-    return float(value)
 
 
 def landmark_tokens(crafter: FaceCrafter, images: torch.Tensor, allow_blank: bool) -> torch.Tensor:
@@ -124,8 +118,7 @@ class ApplyFaceCrafter(io.ComfyNode):
     @classmethod
     def execute(cls, model, facecrafter, lmk_strength, emo_strength, start_at, end_at, landmark_image=None,
                 emotion=None, allow_blank_landmark_image=False):
-        lmk_strength = _finite("lmk_strength", lmk_strength, 0.0, 3.0)
-        emo_strength = _finite("emo_strength", emo_strength, 0.0, 3.0)
+        check_numbers(cls, lmk_strength=lmk_strength, emo_strength=emo_strength)
         if landmark_image is None and emotion is None:
             raise ValueError("Apply FaceCrafter needs a landmark image, an emotion or both")
         lmk_tokens = emo_tokens = None
@@ -240,13 +233,13 @@ class FaceCrafterGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, w_id, w_lmk, w_emo):
-        weights = [_finite(name, value, 0.0, 20.0) for name, value in (("w_id", w_id), ("w_lmk", w_lmk), ("w_emo", w_emo))]
+        check_numbers(cls, w_id=w_id, w_lmk=w_lmk, w_emo=w_emo)
         if not facecrafter_applications(model):
             raise ValueError("FaceCrafter Guider needs a model patched by Apply FaceCrafter; use CFGGuider for other models")
         warn_about_unused_cfg_functions(model)
         guider = FaceCrafterCFGGuider(model)
         guider.set_conds(positive, negative)
-        guider.set_weights(*weights)
+        guider.set_weights(float(w_id), float(w_lmk), float(w_emo))
         return io.NodeOutput(guider)
 
 

@@ -15,6 +15,14 @@ from pathlib import Path
 RUN_PY = Path(__file__).resolve().parents[1] / "workflows" / "run.py"
 
 
+def run_arguments(folder: Path, models=(), variants=()) -> list[str]:
+    """run.py's arguments for a run on the CPU with its input/, output/ and temp/ folders in ``folder``,
+    the ``models`` folders (the last searched first) and the ``variants``."""
+    return ["--cpu", *(argument for name in ("output", "input", "temp") for argument in (f"--{name}-dir", str(folder / name))),
+            *(argument for models_dir in models for argument in ("--models", str(models_dir))),
+            *(argument for variant in variants for argument in ("--variant", variant))]
+
+
 def run_workflow(comfyui: Path, workflow: Path | dict, folder: Path, *arguments, models=(), variants=(),
                  comfyui_flags: str = "", timeout: float = 900) -> list[list[Path]]:
     """The images each run saved: the workflow's own run first, then one list per ``variants`` entry.
@@ -28,12 +36,9 @@ def run_workflow(comfyui: Path, workflow: Path | dict, folder: Path, *arguments,
         path = folder / "workflow.json"
         path.write_text(json.dumps(workflow, indent=1))
         workflow = path
-    command = [sys.executable, str(RUN_PY), str(workflow), "--comfyui", str(comfyui), "--cpu",
-               *(f"--comfyui-flags={comfyui_flags}",)[:bool(comfyui_flags)],
-               *(argument for name in ("output", "input", "temp") for argument in (f"--{name}-dir", str(folder / name))),
-               *(argument for models_dir in models for argument in ("--models", str(models_dir))),
-               *map(str, arguments),
-               *(argument for variant in variants for argument in ("--variant", variant))]
+    command = [sys.executable, str(RUN_PY), str(workflow), "--comfyui", str(comfyui),
+               *(f"--comfyui-flags={comfyui_flags}",)[:bool(comfyui_flags)], *map(str, arguments),
+               *run_arguments(folder, models, variants)]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if finished.returncode != 0:
         raise AssertionError(f"workflows/run.py {workflow.name} exited with {finished.returncode}:\n"

@@ -71,6 +71,16 @@ class ConstantOutputs(torch.nn.Module):
         )
 
 
+def face_crop(rgb: np.ndarray, box, size: int = 256) -> np.ndarray:
+    """A square around ``box`` (2.2 times its larger side), resized to ``size``: a face large enough for MediaPipe."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = box
+    cx, cy, side = (x0 + x1) / 2, (y0 + y1) / 2, 2.2 * max(x1 - x0, y1 - y0)
+    crop = Image.fromarray(rgb).crop((int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)))
+    return np.asarray(crop.resize((size, size), Image.BICUBIC))
+
+
 def _export(module, example, path, names):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

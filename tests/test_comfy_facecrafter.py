@@ -229,7 +229,7 @@ def test_guider_on_a_model_without_facecrafter_is_refused(comfy):
     hosts = Hosts("SD1.5", batch=1)
     with pytest.raises(ValueError, match="FaceCrafter Guider needs a model patched by Apply FaceCrafter"):
         facecrafter_guider(comfy, hosts.model)
-    with pytest.raises(ValueError, match="w_id must be a number from 0.0 to 20.0; got nan"):
+    with pytest.raises(ValueError, match="FaceCrafter Guider: w_id must be a finite number between 0 and 20; got nan"):
         comfy.pack.nodes.facecrafter_nodes.FaceCrafterGuider.execute(hosts.model, [], [], float("nan"), 2.0, 2.0)
 
 
@@ -430,7 +430,7 @@ def test_missing_inputs_and_modules_are_named(comfy):
         run_apply(comfy, model, random_facecrafter())
     with pytest.raises(ValueError, match="has no EMO \\(emotion\\) module"):
         run_apply(comfy, model, random_facecrafter(emo=False), emotion=torch.rand(1, 10))
-    with pytest.raises(ValueError, match="lmk_strength must be a number from 0.0 to 3.0"):
+    with pytest.raises(ValueError, match="Apply FaceCrafter: lmk_strength must be a finite number between 0 and 3; got inf"):
         run_apply(comfy, model, random_facecrafter(), emotion=torch.rand(1, 10), lmk_strength=float("inf"))
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from e_adapter_standins import faceid_state, image_state, write_published
 from encoders.identity import DETECTOR_FILE
-from onnx_face_models import DET_SIZE, export_detector, export_recognizer
+from onnx_face_models import DET_SIZE, export_detector, export_recognizer, face_crop
 from two_hosts import Hosts as TwoHosts
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread"),
@@ -111,8 +111,10 @@ def test_sdxl_path_of_the_nodes_on_a_tiny_sdxl_model(comfy, nodes, ipadapter_fol
 def test_apply_node_validates_its_numbers_and_its_files(nodes, ipadapter_folder):
     hosts = Hosts("SDXL", 2)
     adapter = load(nodes, ipadapter_folder)
-    for name, value in (("id_strength", float("nan")), ("expression_strength", 7.0), ("lora_strength", -1.0)):
-        with pytest.raises(ValueError, match=f"{name} must be a number"):
+    for name, value, message in (("id_strength", float("nan"), "must be a finite number between 0 and 3; got nan"),
+                                 ("expression_strength", 7.0, "must lie between 0 and 3; got 7"),
+                                 ("lora_strength", -1.0, "must lie between 0 and 2; got -1")):
+        with pytest.raises(ValueError, match=rf"Apply E-Adapter \(EmojiDiff\): {name} {message}"):
             apply_node(nodes, hosts.model, adapter, torch.randn(1, 512), **{name: value})
     with pytest.raises(ValueError, match="choose the FaceID IP-Adapter file"):
         load(nodes, ipadapter_folder, faceid_name="none")
@@ -181,13 +183,6 @@ def test_buffalo_l_alone_uses_its_own_detector(comfy, face_models, tmp_path):
         [analyzer] = identity_nodes.LoadInsightFace.execute(provider="cpu", det_size=DET_SIZE, download_missing=False,
                                                             recognizer="buffalo_l/w600k_r50.onnx").args
     assert analyzer.detector_path == root / "models" / "buffalo_l" / "det_10g.onnx"
-
-
-def face_crop(rgb, box, size=256):
-    x0, y0, x1, y1 = box
-    cx, cy, side = (x0 + x1) / 2, (y0 + y1) / 2, 2.2 * max(x1 - x0, y1 - y0)
-    crop = Image.fromarray(rgb).crop((int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)))
-    return np.asarray(crop.resize((size, size), Image.BICUBIC))
 
 
 @pytest.fixture(scope="module")

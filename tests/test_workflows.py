@@ -24,7 +24,8 @@ import pytest
 from comfy_browser import sample_photo, write_video
 from PIL import Image
 
-from onnx_face_models import insightface_images
+from headless import run_arguments
+from onnx_face_models import face_crop, insightface_images
 from workflow_models import LANDMARKER, write_workflow_models
 from workflows import convert
 
@@ -123,10 +124,7 @@ def write_photos(folder: Path, t1) -> dict[str, Path]:
     a real portrait for MediaPipe, and a short video of it."""
     rgb, boxes, _ = t1
     folder.mkdir(parents=True)
-    x0, y0, x1, y1 = boxes[1]
-    side, cx, cy = 2.2 * max(x1 - x0, y1 - y0), (x0 + x1) / 2, (y0 + y1) / 2
-    crop = Image.fromarray(rgb).crop((int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)))
-    crop.resize((256, 256)).save(folder / "expression.png")
+    Image.fromarray(face_crop(rgb, boxes[1])).save(folder / "expression.png")
     write_video(folder / "facecrafter_driving.mp4", Image.open(sample_photo()).convert("RGB"))
     return {"t1": insightface_images() / "t1.jpg", "expression": folder / "expression.png", "portrait": sample_photo(),
             "video": folder / "facecrafter_driving.mp4"}
@@ -151,10 +149,8 @@ def job(api_path: Path, folder: Path, models: list[Path], photos: dict) -> list[
     images = [argument for node_id, node in prompt.items() if node["class_type"] == "LoadImage"
               for argument in ("--image", f"{node_id}={photo_for(prompt, node_id, photos)}")]
     variant = switched_off(prompt)
-    return [str(api_path), *small(prompt), *images, "--seed", "7", "--cpu",
-            *(argument for models_dir in models for argument in ("--models", str(models_dir))),
-            *(argument for name in ("output", "input", "temp") for argument in (f"--{name}-dir", str(folder / name))),
-            *(["--variant", variant] if variant else [])]
+    return [str(api_path), *small(prompt), *images, "--seed", "7",
+            *run_arguments(folder, models, [variant] if variant else [])]
 
 
 def run_jobs(comfy, folder: Path, jobs: dict, flags: str) -> dict:
