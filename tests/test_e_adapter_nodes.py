@@ -3,14 +3,13 @@ Expression Scores, and the three EmojiDiff workflows validated against ComfyUI's
 
 Models: stand-in IP-Adapter files in the published layouts (``e_adapter_standins``) on tiny SD1.5/SDXL
 UNets (the SDXL path of the nodes runs on a tiny SDXL-structured model); a tiny ONNX recogniser and a
-stand-in detector (``onnx_face_models``); the real MediaPipe face landmarker where it is cached.
+stand-in detector (``onnx_face_models``); Google's real MediaPipe face landmarker (the ``mediapipe_task`` fixture).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
 from functools import cache
 from pathlib import Path
 
@@ -27,8 +26,6 @@ from two_hosts import Hosts as TwoHosts
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")]
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-LANDMARKER = Path(os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE", Path.home() / ".cache" / "expression_adapters_tests"),
-                  "mediapipe", "face_landmarker.task")
 
 
 @cache
@@ -186,12 +183,10 @@ def test_buffalo_l_alone_uses_its_own_detector(comfy, face_models, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def landmarker():
-    if not LANDMARKER.is_file():
-        pytest.skip(f"the real MediaPipe model is not cached at {LANDMARKER} (the test rig's fixture puts it there)")
+def landmarker(mediapipe_task):
     from encoders.face_landmarks import FaceLandmarker
 
-    with FaceLandmarker(LANDMARKER, max_faces=2) as model:
+    with FaceLandmarker(mediapipe_task, max_faces=2) as model:
         yield model
 
 

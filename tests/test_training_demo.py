@@ -25,7 +25,10 @@ SMOKE = "training/configs/smoke.yaml"
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, mediapipe_task):
+    """The smoke config on a missing data set: the demo set is built (with landmarks from the real MediaPipe
+    model, which the ``mediapipe_task`` fixture has put in the test cache) and trained on."""
+    assert find_face_landmarker() == mediapipe_task
     root = tmp_path_factory.mktemp("fresh_clone")
     manifest = root / "smoke_data" / "manifest.json"
     result = train_main(["--config", SMOKE, "--set", f"data.shards={manifest}", "--set", f"output_dir={root / 'smoke'}",
@@ -51,8 +54,6 @@ def test_missing_smoke_data_is_built_as_a_demo_set_then_trained(smoke_run):
 
 
 def test_demo_crops_hold_faces_for_the_real_landmarker(smoke_run):
-    if find_face_landmarker() is None:
-        pytest.skip("MediaPipe's face_landmarker.task is not cached on this machine")
     manifest_path, _ = smoke_run
     dataset = ShardDataset(load_index(manifest_path), ["landmarks"], load_image=False)
     assert len(dataset) == 2 * len(DEMO_FACES) and not dataset.missing
@@ -65,8 +66,6 @@ def test_demo_crops_hold_faces_for_the_real_landmarker(smoke_run):
 
 
 def test_demo_head_poses_mirror_with_the_pictures(smoke_run):
-    if find_face_landmarker() is None:
-        pytest.skip("MediaPipe's face_landmarker.task is not cached on this machine")
     manifest_path, _ = smoke_run
     dataset = ShardDataset(load_index(manifest_path), ["head_pose", "face_mask"], load_image=False)
     poses = {}

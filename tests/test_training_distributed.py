@@ -31,7 +31,12 @@ IDI_SMOKE = "training/configs/emojidiff_idi_smoke.yaml"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, mediapipe_task):
+    """The demo set with EmojiDiff's fields: the demo builder finds the real MediaPipe model in the test cache,
+    where the ``mediapipe_task`` fixture has put it."""
+    from training.demo_data import find_face_landmarker
+
+    assert find_face_landmarker() == mediapipe_task
     out = tmp_path_factory.mktemp("demo")
     build_demo_data(out, load_config(SMOKE, [f"data.shards={out}/manifest.json"]))
     return out / "manifest.json"
@@ -55,8 +60,8 @@ def launch(record_dir: Path, *overrides: str, config: str = SMOKE) -> dict[int, 
 
 
 def needs_emojidiff_fields(demo: Path) -> None:
-    if "clip_image.npy" not in json.loads(demo.read_text())["fields"]:
-        pytest.skip("the demo set has no EmojiDiff fields: they need the cached MediaPipe model")
+    fields = json.loads(demo.read_text())["fields"]
+    assert "clip_image.npy" in fields, f"the demo set was built without EmojiDiff's fields (it has {fields})"
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +77,15 @@ def base_export(demo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def idi_runs(demo, base_export, tmp_path_factory):
+def idi_runs(demo, base_export, mediapipe_task, tmp_path_factory):
     """IDI on the 16 demo samples (4 shards of 4) under torchrun: with 2 processes and with 1. The filter keeps
     every pair with a face (the refined stage below trains on the triplets)."""
-    from training.demo_data import find_face_landmarker
-
     root = tmp_path_factory.mktemp("idi")
     runs = {}
     for processes in (2, 1):
         out = root / f"out-{processes}"
         overrides = [f"data.shards={demo}", f"idi.adapter={base_export}", f"idi.out={out}",
-                     f"idi.landmarker={find_face_landmarker()}", "data.demo_if_missing=false", "idi.steps=2",
+                     f"idi.landmarker={mediapipe_task}", "data.demo_if_missing=false", "idi.steps=2",
                      "idi.max_exp_mean=1", "idi.max_lms=100"]
         arguments = ["--config", IDI_SMOKE, *(f"--set={o}" for o in overrides)]
         runs[processes] = out, torchrun("distributed_idi_worker.py", root / f"records-{processes}", arguments, processes)

@@ -17,7 +17,6 @@ import torch
 from encoders.head_pose import head_pose_from_matrix
 from training.annotate import face_oval_mask
 from training.data import ShardDataset
-from training.demo_data import find_face_landmarker
 from training.prepare import main as prepare
 from training.shards import load_index, read_member
 from training_helpers import PreparedModels, write_pictures
@@ -85,11 +84,9 @@ def write_tiny_emonet(path):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, mediapipe_task):
     pytest.importorskip("timm")
-    landmarker = find_face_landmarker()
-    if landmarker is None:
-        pytest.skip("MediaPipe's face_landmarker.task is not cached on this machine")
+    landmarker = mediapipe_task
     root = tmp_path_factory.mktemp("fields")
     models = PreparedModels(root)
     if models.insightface is None:
