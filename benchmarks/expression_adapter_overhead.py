@@ -85,7 +85,7 @@ def branch_seconds(pack, patched, positive, negative, args) -> float:
         # synchronised: GPU kernels run asynchronously, and an unsynchronised timer measures their launch
         synchronize()
         started = time.perf_counter()
-        patch_module.attention_before(self.previous, q, k, v, extra_options)
+        self.attention_before(q, k, v, extra_options)
         synchronize()
         wrapped = time.perf_counter()
         out = original(self, q, k, v, extra_options)

@@ -1,8 +1,8 @@
 """ComfyUI host for cross-attention adapter branches: stackable, sigma-gated ``attn2`` replaces.
 
 For each layer the adapter covers, an ``attn2`` replace computes the layer's usual attention (or
-calls the replace registered before it, so IPAdapter, InstantID and our own branches stack) and
-adds the adapter branch from ``adapters.attention``. Rows follow the shared row layout
+calls the replace registered before it) and adds the adapter branch from ``adapters.attention``; how it
+stacks with IPAdapter_plus, InstantID, PuLID and our own branches, in either order, is ``stacking``'s job. Rows follow the shared row layout
 (``adapters.rows``: ``cond_or_uncond``, a guider's conditional map, ComfyUI's context windows): conditional rows attend to
 the condition's tokens (per image, the context window's frames), unconditional rows to the
 adapter's unconditional tokens. The sigma gate is decided once per UNet call, and the per-layer
@@ -18,7 +18,14 @@ import torch
 from ..adapters.attention import decoupled_attention
 from ..adapters.layers import layout_for_cross_attention_keys
 from ..adapters.rows import RowLayout
-from .attention_host import attention_before, transformer_blocks
+from .attention_host import transformer_blocks
+from .stacking import (
+    StackableReplace,
+    blocks_with_one_transformer,
+    install_replace,
+    registered_replaces,
+    replace_below,
+)
 
 
 def cross_attention_widths(diffusion_model: torch.nn.Module) -> dict[tuple[str, int, int], int]:
@@ -151,45 +158,45 @@ class BranchTokens(PerRunCache):
         return keys, values * self.gate.strength
 
 
-class BranchPatch:
+class BranchPatch(StackableReplace):
     """The ``attn2`` replace for one layer: the previous attention (the replace registered before, or the
-    layer's own) plus what :meth:`add` adds for the batch's row layout, while ``tokens.gate`` is active."""
+    layer's own) plus what :meth:`branch` adds for the batch's row layout while ``tokens.gate`` is active, then
+    what other packs :meth:`~.stacking.StackableReplace.add`-ed to it."""
 
     def __init__(self, tokens: PerRunCache, layer, previous=None):
+        super().__init__(layer.comfy_key, previous)
         self.tokens = tokens
         self.layer = layer
-        self.previous = previous
-
-    def __deepcopy__(self, memo):
-        return self
 
     def __call__(self, q, k, v, extra_options):
-        out = attention_before(self.previous, q, k, v, extra_options)
-        if not self.tokens.gate.active(extra_options):
-            return out
-        return self.add(out, q, RowLayout.of(q.shape[0], extra_options), extra_options)
+        out = self.attention_before(q, k, v, extra_options)
+        if self.tokens.gate.active(extra_options):
+            out = self.branch(out, q, RowLayout.of(q.shape[0], extra_options), extra_options)
+        return self.run_added(out, q, k, v, extra_options)
 
-    def add(self, out: torch.Tensor, q: torch.Tensor, layout: RowLayout, extra_options: dict) -> torch.Tensor:
+    def branch(self, out: torch.Tensor, q: torch.Tensor, layout: RowLayout, extra_options: dict) -> torch.Tensor:
         raise NotImplementedError
 
 
 class CrossAttentionBranchPatch(BranchPatch):
     """One adapter's branch on one layer."""
 
-    def add(self, out, q, layout, extra_options):
+    def branch(self, out, q, layout, extra_options):
         key, value = self.tokens.rows(self.layer, q, layout)
         return out + decoupled_attention(q, key, value, extra_options["n_heads"]).to(out.dtype)
 
 
 def install_branch_patches(model, patch_class, tokens: PerRunCache, layers, wrapper_key: str) -> None:
     """``patch_class(tokens, layer, previous)`` as the ``attn2`` replace of each of ``layers`` on ``model`` (a clone),
-    stacked on the replaces already there, and the per-run cache's ``OUTER_SAMPLE`` wrapper."""
+    stacked on the replace ComfyUI would call there now (either key form), and the per-run cache's
+    ``OUTER_SAMPLE`` wrapper."""
     from comfy.patcher_extension import WrappersMP
 
-    existing = model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    existing = registered_replaces(model, "attn2")
+    single = blocks_with_one_transformer(model.get_model_object("diffusion_model"))
     model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, wrapper_key, tokens.sampling_wrapper)
     for layer in layers:
-        model.set_model_attn2_replace(patch_class(tokens, layer, previous=existing.get(layer.comfy_key)), *layer.comfy_key)
+        install_replace(model, "attn2", patch_class(tokens, layer, previous=replace_below(existing, layer.comfy_key)), single)
 
 
 def apply_cross_attention_branch(model, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor,

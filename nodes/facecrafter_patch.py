@@ -59,7 +59,7 @@ class FaceCrafterTokens(PerRunCache):
 class FaceCrafterPatch(BranchPatch):
     """The previous attention (ID) plus the LMK/EMO branches, switched per chunk."""
 
-    def add(self, out, q, layout, extra_options):
+    def branch(self, out, q, layout, extra_options):
         switches = extra_options.get(SWITCHES_KEY, CFG_SWITCHES)
         for module, name in enumerate(MODULE_NAMES):
             if name not in self.tokens.active_modules:

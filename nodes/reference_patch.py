@@ -10,7 +10,8 @@ ComfyUI's weight patching). Unconditional rows run exactly the computation of th
 so they stay bit-identical to it; that is why this is a replace and not an ``attn1_patch``
 lengthening the context for every row. The replace registered before ours (another pack's) runs
 for every row: for conditional rows it gets their keys/values with the reference's appended, so
-the Reference Adapter stacks with other ``attn1`` replaces. Which rows read is the shared row
+the Reference Adapter stacks with other ``attn1`` replaces (either key form, and other packs' ``.add``:
+see ``stacking``). Which rows read is the shared row
 layout of ``adapters.rows`` (``cond_or_uncond``, a guider's conditional map, context windows).
 
 The LoRA goes through ``ModelPatcher.add_patches`` with native keys, so it composes with other
@@ -24,8 +25,15 @@ import torch
 from ..adapters.layers import SD15, self_attention_layers
 from ..adapters.reference import attend_with_reference
 from ..adapters.rows import COND, RowLayout
-from .attention_host import attention_before, transformer_blocks
+from .attention_host import transformer_blocks
 from .cross_attention_patch import PerRunCache
+from .stacking import (
+    StackableReplace,
+    blocks_with_one_transformer,
+    install_replace,
+    registered_replaces,
+    replace_below,
+)
 
 
 def check_sd15(model, kind: str) -> None:
@@ -90,17 +98,13 @@ def capture_reference_features(model, latent: torch.Tensor, context: torch.Tenso
     return features
 
 
-class ReferenceAttentionPatch:
+class ReferenceAttentionPatch(StackableReplace):
     """The ``attn1`` replace for one transformer block."""
 
     def __init__(self, features: ReferenceFeatures, key, attn1: torch.nn.Module, previous=None):
+        super().__init__(key, previous)
         self.features = features
-        self.key = key
         self.attn1 = attn1
-        self.previous = previous
-
-    def __deepcopy__(self, memo):
-        return self
 
     def __call__(self, q, k, v, extra_options):
         layout = RowLayout.of(q.shape[0], extra_options)
@@ -113,9 +117,10 @@ class ReferenceAttentionPatch:
         def attention(q, k, v, reading):
             # the earlier replace sees the rows it gets, with their own chunks in cond_or_uncond
             chunks = [index for index in layout.chunks if layout.conditional(index) == reading]
-            return attention_before(self.previous, q, k, v, {**extra_options, "cond_or_uncond": chunks})
+            return self.attention_before(q, k, v, {**extra_options, "cond_or_uncond": chunks})
 
-        return attend_with_reference(q, k, v, reads, reference_key, reference_value, attention)
+        out = attend_with_reference(q, k, v, reads, reference_key, reference_value, attention)
+        return self.run_added(out, q, k, v, extra_options)
 
 
 def native_lora_patches(model, lora, strength: float) -> dict:
@@ -143,9 +148,11 @@ def apply_reference_adapter(model, lora, latent: torch.Tensor, context: torch.Te
     if len(applied) != len(patches):
         raise ValueError(f"{lora.kind}: {len(patches) - len(applied)} LoRA weights have no matching model weight")
     blocks = transformer_blocks(patched.model.diffusion_model)
-    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
+    single = blocks_with_one_transformer(patched.model.diffusion_model)
+    existing = registered_replaces(patched, "attn1")
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "expression_adapters.reference", features.sampling_wrapper)
     for layer in self_attention_layers(SD15):
-        patch = ReferenceAttentionPatch(features, layer.comfy_key, blocks[layer.comfy_key].attn1, existing.get(layer.comfy_key))
-        patched.set_model_attn1_replace(patch, *layer.comfy_key)
+        key = layer.comfy_key
+        patch = ReferenceAttentionPatch(features, key, blocks[key].attn1, replace_below(existing, key))
+        install_replace(patched, "attn1", patch, single)
     return patched, features

@@ -87,9 +87,10 @@ def test_comfy_patch_equals_diffusers_multi_ip_adapter(comfy, published, family,
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
 
     # the expression branch sits exactly on its layer set: 16 on SD1.5, up_blocks.0.attentions.1 on SDXL
-    replaced = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    registered = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     expected_keys = {layer.comfy_key for layer in adapter.identity.layers}
-    assert set(replaced) == expected_keys
+    replaced = {key: comfy.pack.nodes.stacking.replace_below(registered, key) for key in expected_keys}  # what ComfyUI calls for each layer
+    assert len(registered) == len(expected_keys) and all(patch.key == key for key, patch in replaced.items())
     expression_keys = {key for key, patch in replaced.items() if patch.tokens.adapter.kind.startswith("IP-Adapter image")}
     assert expression_keys == {layer.comfy_key for layer in adapter.expression_branch().layers}
     assert len(expression_keys) == (16 if family == "SD1.5" else 10)

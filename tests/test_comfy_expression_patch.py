@@ -31,9 +31,14 @@ def test_hosts_agree_and_every_cross_attention_layer_is_patched(comfy, family):
     expression = torch.randn(2, 55)  # one expression per image
     patched = apply(comfy, hosts.model, adapter, expression)
 
-    replaced = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    registered = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     model_keys = comfy.pack.nodes.cross_attention_patch.cross_attention_widths(hosts.model.model.diffusion_model)
-    assert set(replaced) == set(model_keys) == {layer.comfy_key for layer in cross_attention_layers(LAYOUTS[family])}
+    replaced = {key: comfy.pack.nodes.stacking.replace_below(registered, key) for key in model_keys}  # what ComfyUI calls for each layer
+    assert set(model_keys) == {layer.comfy_key for layer in cross_attention_layers(LAYOUTS[family])}
+    assert all(patch.key == key and patch.tokens.adapter is adapter for key, patch in replaced.items())
+    # SD1.5's blocks hold one transformer each: the patch sits under the block's key, where IPAdapter_plus looks
+    # (test_other_packs); SDXL's hold 2 or 10, each under its own key
+    assert set(registered) == ({key[:2] for key in model_keys} if family == "SD1.5" else set(model_keys))
     assert len(replaced) == {"SD1.5": 16, "SDXL": 70}[family] and ("middle", 0, 0) in replaced
 
     plain_comfy, plain_diffusers = hosts.comfy(), hosts.diffusers()
@@ -116,15 +121,16 @@ def test_a_prior_attn2_replace_still_runs_and_the_adapter_stacks_with_itself(com
     torch.testing.assert_close(twice, single_strength_one, atol=1e-5, rtol=1e-5)
 
 
-def test_clone_shares_the_patch_and_its_weights(comfy):
+def test_a_clone_copies_the_patch_but_shares_its_tokens_and_weights(comfy):
+    """A clone's patch is its own object (another pack's in-place ``.add`` on it must not reach the original),
+    while the tokens, the per-run cache and the adapter weights behind it are shared, not copied."""
     hosts = Hosts("SD1.5", batch=1)
     adapter = random_expression_adapter()
     patched = apply(comfy, hosts.model, adapter, torch.randn(1, 55))
     cloned = patched.clone()
-    key = ("input", 1, 0)
-    original = patched.model_options["transformer_options"]["patches_replace"]["attn2"][key]
-    copy = cloned.model_options["transformer_options"]["patches_replace"]["attn2"][key]
-    assert copy is original and copy.tokens.adapter is adapter
+    original = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)]
+    copy = cloned.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)]
+    assert copy is not original and copy.tokens is original.tokens and copy.tokens.adapter is adapter
 
 
 def test_an_sd15_adapter_on_an_sdxl_model_is_refused(comfy):
@@ -195,7 +201,7 @@ def test_branch_keys_values_are_freed_after_each_sampling_run(comfy):
 
     hosts = Hosts("SD1.5", batch=1)
     patched = apply(comfy, hosts.model, random_expression_adapter(), torch.randn(1, 55))
-    tokens = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)].tokens
+    tokens = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)].tokens
     seen = []
     original_rows = tokens.rows
 

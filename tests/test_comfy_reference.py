@@ -154,6 +154,14 @@ def test_a_combined_id_conditioning_is_refused_with_a_clear_message(comfy):
         node.execute(hosts.model, lora, None, torch.rand(1, 64, 64, 3), [], 0.8)
 
 
+def lifted_for_a_run(comfy, model):
+    """``model`` as one sampling run sees it: our OUTER_SAMPLE stacking wrapper has lifted our replaces over later
+    ones that overwrote them (here applied to a clone, since the test calls the UNet without a sampler)."""
+    run = model.clone()
+    comfy.pack.nodes.stacking.lift_ours_over_later_replaces(run.model_options)
+    return run
+
+
 @pytest.mark.parametrize("order", [[1, 0], [0, 1], [0]], ids=["uncond_first", "cond_first", "cfg_1"])
 def test_an_earlier_attn1_replace_runs_for_every_row_in_either_order(comfy, order):
     from comfy.ldm.modules.attention import optimized_attention
@@ -185,10 +193,17 @@ def test_an_earlier_attn1_replace_runs_for_every_row_in_either_order(comfy, orde
     assert sum(rows for rows, _ in calls) == 16 * hosts.batch  # every row, the conditional ones included
     conditional_rows = 2 * order.count(0)
     assert sum(rows for rows, extra in calls if extra > 0) == 16 * conditional_rows  # with the reference appended
-    calls.clear()
+    other_first_calls = sorted(calls)
     reference_first, _ = apply_reference(hosts.model, lora, latent, id_context, 0.8)
-    out_reference_first = hosts.comfy(other_pack(reference_first), cond_or_uncond=order)
-    assert sorted(calls) == [(hosts.batch, 0)] * 16
+    # SD1.5's blocks hold one transformer: ours sits under the blocks' keys, the other pack's (which looks at the
+    # layers' keys only) goes over it without calling it; a sampling run lifts ours back on top (the stacking wrapper)
+    stacked = other_pack(reference_first)
+    calls.clear()
+    hosts.comfy(stacked, cond_or_uncond=order)
+    assert sorted(calls) == [(hosts.batch, 0)] * 16  # without the lift: every row without the reference, ours dropped
+    calls.clear()
+    out_reference_first = hosts.comfy(lifted_for_a_run(comfy, stacked), cond_or_uncond=order)
+    assert sorted(calls) == other_first_calls
     torch.testing.assert_close(out_other_first, out_reference_first, atol=1e-5, rtol=1e-5)
     reference_only = hosts.comfy(reference_first, cond_or_uncond=order)
     assert (out_other_first - reference_only).abs().max() > 1e-3  # the other pack acts on every row

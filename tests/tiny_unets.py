@@ -19,11 +19,12 @@ TIME_EMBED_DIM = 8  # SDXL's addition_time_embed_dim, narrowed
 SDXL_POOLED_DIM = 32
 
 
-def diffusers_unet(family: str, seed: int = 0):
+def diffusers_unet(family: str, seed: int = 0, context_dim: int = CONTEXT_DIM):
+    """``context_dim``: the text/IP token width (2048 where another pack tells SDXL from it, as IPAdapter_plus does)."""
     from diffusers import UNet2DConditionModel
 
     if family == "SD1.5":  # the training package's tiny UNet (its smoke config runs the same one)
-        return tiny_unet({"seed": seed}).eval()
+        return tiny_unet({"seed": seed, "cross_attention_dim": context_dim}).eval()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8, block_out_channels=(CHANNELS, 2 * CHANNELS, 4 * CHANNELS),
@@ -31,15 +32,15 @@ def diffusers_unet(family: str, seed: int = 0):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
         attention_head_dim=(1, 1, 2),  # ComfyUI gives SDXL one head per 64 channels
-        cross_attention_dim=CONTEXT_DIM, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+        cross_attention_dim=context_dim, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * TIME_EMBED_DIM, norm_num_groups=32, layers_per_block=2,
     )
     return unet.eval()
 
 
-def comfy_unet_config(family: str) -> dict:
+def comfy_unet_config(family: str, context_dim: int = CONTEXT_DIM) -> dict:
     common = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": CHANNELS,
-              "use_spatial_transformer": True, "legacy": False, "context_dim": CONTEXT_DIM,
+              "use_spatial_transformer": True, "legacy": False, "context_dim": context_dim,
               "use_temporal_attention": False, "use_temporal_resblock": False}
     if family == "SD1.5":
         return common | {"num_res_blocks": [2] * 4, "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
@@ -51,22 +52,24 @@ def comfy_unet_config(family: str) -> dict:
                      "num_classes": "sequential", "num_heads": -1, "num_head_channels": 64}
 
 
-def comfy_model(family: str, diffusers_state_dict: dict):
-    """A ComfyUI ModelPatcher holding the same weights, converted with ComfyUI's own mapping."""
+def comfy_model(family: str, diffusers_state_dict: dict, dtype: torch.dtype = torch.float32):
+    """A ComfyUI ModelPatcher holding the same weights, converted with ComfyUI's own mapping, built and computing
+    in ``dtype`` (as ComfyUI builds a UNet in fp16/bf16 on a GPU)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
     import comfy.utils
 
-    unet_config = comfy_unet_config(family)
+    context_dim = next(v for k, v in diffusers_state_dict.items() if k.endswith("attn2.to_k.weight")).shape[1]
+    unet_config = comfy_unet_config(family, context_dim)
     mapping = comfy.utils.unet_to_diffusers(unet_config)
     comfy_sd = {comfy_key: diffusers_state_dict[diffusers_key] for diffusers_key, comfy_key in mapping.items()
                 if diffusers_key in diffusers_state_dict}
     config_class = comfy.supported_models.SD15 if family == "SD1.5" else comfy.supported_models.SDXL
     model_config = config_class(unet_config)
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
-    missing, unexpected = model.diffusion_model.load_state_dict(comfy_sd, strict=False)
+    missing, unexpected = model.diffusion_model.load_state_dict({k: v.to(dtype) for k, v in comfy_sd.items()}, strict=False)
     assert not missing and not unexpected, (missing[:5], unexpected[:5])
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)

@@ -11,14 +11,14 @@ from tiny_unets import CONTEXT_DIM, comfy_model, diffusers_unet, sdxl_added_cond
 class Hosts:
     """One tiny UNet in both hosts plus fixed inputs."""
 
-    def __init__(self, family: str, batch: int, seed: int = 0):
+    def __init__(self, family: str, batch: int, seed: int = 0, context_dim: int = CONTEXT_DIM):
         self.family = family
-        self.unet = diffusers_unet(family, seed)
+        self.unet = diffusers_unet(family, seed, context_dim)
         self.model = comfy_model(family, self.unet.state_dict())
         generator = torch.Generator().manual_seed(seed + 10)
         self.batch = batch
         self.x = torch.randn(batch, 4, 8, 8, generator=generator)
-        self.context = torch.randn(batch, 7, CONTEXT_DIM, generator=generator)
+        self.context = torch.randn(batch, 7, context_dim, generator=generator)
         self.t = torch.full((batch,), 500.0)
         self.added, self.y = sdxl_added_conditions(self.unet, batch) if family == "SDXL" else (None, None)
 
