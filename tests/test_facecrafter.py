@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_facecrafter import TINY_EMO, TINY_LMK, landmark_images, random_facecrafter
 
 from adapters.attention import decoupled_attention
 from adapters.checkpoints import AdapterFileError
@@ -30,6 +29,7 @@ from adapters.rows import RowLayout
 from encoders.expressions import Landmarks
 from encoders.landmark_image import render_landmark_image
 from encoders.landmark_pose import pose_landmarks, pose_sweep, rotation_matrix
+from tiny_facecrafter import TINY_EMO, TINY_LMK, landmark_images, random_facecrafter
 
 
 def conv(c_in, c_out, k):

@@ -30,13 +30,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_facecrafter import landmark_images, random_facecrafter
 
 from adapters.e_adapter import EAdapter
 from adapters.layers import SD15, SDXL, cross_attention_layers
 from e_adapter_standins import faceid_state, image_state
 from encoders.identity import DETECTOR_FILE
 from onnx_face_models import export_detector, export_recognizer
+from tiny_facecrafter import landmark_images, random_facecrafter
 from tiny_unets import random_expression_adapter, random_reference_lora_state, tiny_width
 from two_hosts import Hosts as TwoHosts
 
@@ -180,11 +180,16 @@ def pulid(packs, model, weight: float = 1.0):
     with torch.no_grad():
         id_cond = torch.randn(1, 1280, generator=generator)
         hidden = [torch.randn(1, 5, 1024, generator=generator) for _ in range(5)]
+        pulid_model_.float()
         cond = pulid_model_.get_image_embeds(id_cond, hidden)
         uncond = pulid_model_.get_image_embeds(torch.zeros_like(id_cond), [torch.zeros_like(h) for h in hidden])
+    import comfy.model_management
+
+    dtype = comfy.model_management.unet_dtype()  # as ApplyPulid casts its model and embeddings
+    pulid_model_.to(dtype=dtype)
     patched = model.clone()
     sampling = patched.get_model_object("model_sampling")
-    kwargs = {"pulid": pulid_model_, "weight": weight, "cond": cond, "uncond": uncond, "ortho": False, "ortho_v2": False,
+    kwargs = {"pulid": pulid_model_, "weight": weight, "cond": cond.to(dtype), "uncond": uncond.to(dtype), "ortho": False, "ortho_v2": False,
               "mask": None, "sigma_start": sampling.percent_to_sigma(0.0), "sigma_end": sampling.percent_to_sigma(1.0)}
     for layer in cross_attention_layers(SDXL):
         block, block_id, index = layer.comfy_key
@@ -452,3 +457,51 @@ def test_torch_compile_gives_the_eager_latent(comfy, packs, model_folders):
     assert float((eager - sample(ipadapter(packs, hosts.model, "SD1.5"), latent_size=8, steps=2)).abs().max()) > 1e-3
     compiled = sample(core_node(comfy, "TorchCompileModel", model=patched, backend="eager"), latent_size=8, steps=2)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+# --- half precision: the stacks on UNets built and computing in fp16 / bf16 -----------------------------------------
+
+HALF_CASES = [(pack, family, kind, dtype) for pack, family, kind in (
+    ("IPAdapter_plus", "SD1.5", "expression"), ("IPAdapter_plus", "SD1.5", "facecrafter"),
+    ("IPAdapter_plus", "SDXL", "e_adapter_expression"), ("InstantID", "SDXL", "e_adapter_id"), ("PuLID", "SDXL", "expression"))
+    for dtype in (torch.float16, torch.bfloat16)
+    # InstantID casts its model to fp16 or fp32 (should_use_fp16), never bf16, and its attention does not cast
+    # back to the query's type: on a bf16 UNet it fails on its own, with or without us
+    if not (pack == "InstantID" and dtype == torch.bfloat16)]
+
+
+@cache
+def half_model(family: str, dtype: torch.dtype):
+    from tiny_unets import comfy_model
+
+    return comfy_model(family, Hosts(family).unet.state_dict(), dtype)
+
+
+@pytest.mark.parametrize(("pack", "family", "kind", "dtype"), HALF_CASES, ids=["-".join(map(str, c)) for c in HALF_CASES])
+def test_stacks_compute_in_the_models_half_type(comfy, packs, model_folders, tmp_path_factory, t1, monkeypatch,
+                                                pack, family, kind, dtype):
+    """As on a GPU whose ComfyUI builds the UNet in ``dtype``: the packs read that type from ComfyUI's model
+    management (unet_dtype; InstantID: should_use_fp16) and cast their weights and embeddings to it."""
+    from comfy import model_management
+
+    hosts = Hosts(family)
+    folder = tmp_path_factory.getbasetemp()
+
+    def stack(model, ours_first):
+        if ours_first:
+            return theirs(packs, pack, ours(comfy, kind, model, family, 1.0, folder), family, 1.0, model_folders, t1[0])
+        return ours(comfy, kind, theirs(packs, pack, model, family, 1.0, model_folders, t1[0]), family, 1.0, folder)
+
+    full = {ours_first: outputs(hosts, stack(hosts.model, ours_first)) for ours_first in (True, False)}
+    full_plain = outputs(hosts, hosts.model)
+    half = half_model(family, dtype)
+    monkeypatch.setattr(model_management, "unet_dtype", lambda *args, **kwargs: dtype)
+    monkeypatch.setattr(model_management, "should_use_fp16", lambda *args, **kwargs: dtype == torch.float16)
+    half_plain = outputs(hosts, half)
+    for ours_first in (True, False):
+        half_stacked = outputs(hosts, stack(half, ours_first))
+        for got, expected, plain_half, plain_full in zip(half_stacked, full[ours_first], half_plain, full_plain, strict=True):
+            assert got.dtype == dtype and torch.isfinite(got).all()
+            effect = (expected - plain_full).abs().max()
+            rounding = (plain_half.float() - plain_full).abs().max()
+            assert (got.float() - expected).abs().max() <= 2 * rounding + 0.05 * effect

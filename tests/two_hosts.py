@@ -33,8 +33,10 @@ class Hosts:
         options["cond_or_uncond"] = list(cond_or_uncond)
         options["sigmas"] = torch.full((self.batch,), float(sigma))
         options |= transformer_options
+        dtype = model.model.get_dtype()  # a UNet built in fp16/bf16 gets its inputs in it, as ComfyUI's apply_model casts
+        y = None if self.y is None else self.y.to(dtype)
         with torch.no_grad():
-            return model.model.diffusion_model(self.x, timesteps=self.t, context=self.context, y=self.y,
+            return model.model.diffusion_model(self.x.to(dtype), timesteps=self.t, context=self.context.to(dtype), y=y,
                                                transformer_options=options)
 
     def diffusers(self, adapter=None, tokens=None, scale=1.0, unet=None, **cross_attention_kwargs):
