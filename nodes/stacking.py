@@ -93,7 +93,9 @@ def lift_ours_over_later_replaces(model_options: dict) -> None:
 
 def keep_ours_in_their_layers(executor, *args, **kwargs):
     """``OUTER_SAMPLE`` wrapper: :func:`lift_ours_over_later_replaces` on the guider's per-run options."""
-    lift_ours_over_later_replaces(executor.class_obj.model_options)
+    model_options = getattr(executor.class_obj, "model_options", None)
+    if model_options is not None:
+        lift_ours_over_later_replaces(model_options)
     return executor(*args, **kwargs)
 
 

@@ -346,6 +346,35 @@ def test_each_pack_stacks_with_each_patch_in_either_order(comfy, packs, model_fo
 
 
 
+# --- their protocol on our replaces behaves as on their own class -------------------------------------------------
+
+def test_a_callback_added_to_ours_runs_as_in_their_attn2replace(comfy, packs):
+    """The same callback and arguments, once in IPAdapter_plus's own ``Attn2Replace`` and once ``.add``-ed to our
+    replace (our branch at strength 0): bit-identical outputs inside and outside its sigma range."""
+    hosts = Hosts("SD1.5")
+    attn2replace = sys.modules[packs.ipadapter.__name__.rsplit(".", 1)[0] + ".CrossAttentionPatch"].Attn2Replace
+    seen = []
+
+    def callback(out, q, k, v, extra_options, weight, **kwargs):
+        seen.append(kwargs["module_key"])
+        return torch.tanh(out) * weight + q.mean() * weight
+
+    theirs_model, ours_model = hosts.model.clone(), ours(comfy, "expression", hosts.model, "SD1.5", 0.0, None)
+    registered = ours_model.model_options["transformer_options"]["patches_replace"]["attn2"]
+    for number, layer in enumerate(cross_attention_layers(SD15)):
+        kwargs = {"weight": 0.3, "sigma_start": 5.0, "sigma_end": 1.0, "module_key": str(number)}
+        theirs_model.set_model_attn2_replace(attn2replace(callback, **kwargs), *layer.comfy_key)
+        comfy.pack.nodes.stacking.replace_below(registered, layer.comfy_key).add(callback, **kwargs)
+    for sigma, runs in ((0.5, False), (3.0, True), (10.0, False)):
+        seen.clear()
+        expected = hosts.comfy(theirs_model, cond_or_uncond=ROW_ORDERS[0], sigma=sigma)
+        assert len(seen) == 16 * runs
+        assert torch.equal(hosts.comfy(ours_model, cond_or_uncond=ROW_ORDERS[0], sigma=sigma), expected)
+        assert len(seen) == 32 * runs
+        plain = hosts.comfy(hosts.model, cond_or_uncond=ROW_ORDERS[0], sigma=sigma)
+        assert torch.equal(expected, plain) != runs
+
+
 # --- clones: their in-place .add never reaches the model they were given ------------------------------------------
 
 CLONE_CASES = [("IPAdapter_plus", "SD1.5", "expression"), ("IPAdapter_plus", "SD1.5", "facecrafter"),
