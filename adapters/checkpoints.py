@@ -7,6 +7,8 @@ same nested form here.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -25,22 +27,69 @@ class AdapterFileError(ValueError):
         super().__init__(f"{os.path.basename(self.path)} is not a valid {kind} for {base_model}: {problem} (file: {self.path})")
 
 
+class WeightFileError(ValueError):
+    """A weight file that cannot be read at all: the message names the file, what it should be and why."""
+
+    def __init__(self, path, cause: str):
+        self.path = os.fspath(path)
+        self.cause = cause
+        super().__init__(f"cannot read {os.path.basename(self.path)} as weights: {cause} (file: {self.path})")
+
+
+MAX_SAFETENSORS_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def not_weights(path, head: bytes) -> str | None:
+    """What a file that is not weights at all looks like from its first bytes, or None."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (0 bytes): its download or copy did not finish"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a git-lfs pointer, not the weights: fetch the file itself (git lfs pull, or its download link)"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
+        return "it is a web page (HTML), not weights: save the file from its download link, not the page around it"
+    return None
+
+
+def _diagnose(path, error: Exception, expected: str) -> str:
+    """Our words for a reader's failure: never the reader's advice to load without ``weights_only``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "weights_only" not in line]
+    blocked = next((line for line in lines if "GLOBAL" in line), None)
+    if blocked:
+        return f"it asks to run code when loaded, which is refused: only plain tensors are read ({blocked})"
+    detail = next((line for line in lines if line.startswith(("Unsupported", "Error while", "Pytorch", "PytorchStreamReader"))),
+                  lines[0] if lines else type(error).__name__)
+    return f"not a readable {expected} file, or cut short at {os.path.getsize(path)} bytes ({detail[:200]})"
+
+
 def read_checkpoint(path) -> Mapping:
-    """A weight file's contents as saved (nesting kept), on the CPU."""
+    """A weight file's contents as saved (nesting kept), on the CPU; :class:`WeightFileError` for a file that
+    is not one (empty, cut short, a web page, a git-lfs pointer, a pickle that would run code)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weight file not found: {path}")
-    if path.lower().endswith(SAFETENSORS_SUFFIXES):
-        from safetensors.torch import load_file
+    lower = path.lower()
+    if not lower.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+        raise ValueError(f"{path}: unsupported weight file type; use .safetensors (preferred), .bin, .pt or .pth")
+    with open(path, "rb") as handle:
+        problem = not_weights(path, handle.read(64))
+    if problem:
+        raise WeightFileError(path, problem)
+    if lower.endswith(SAFETENSORS_SUFFIXES):
+        safetensors_keys(path)  # a sane header first, or our own cause
+    try:
+        if lower.endswith(SAFETENSORS_SUFFIXES):
+            from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    if path.lower().endswith(PICKLE_SUFFIXES):
+            return load_file(path, device="cpu")
         # weights_only: a checkpoint is data, never code to run.
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(loaded, Mapping):
-            raise ValueError(f"{path} holds a {type(loaded).__name__}, not a dictionary of tensors")
-        return loaded
-    raise ValueError(f"{path}: unsupported weight file type; use .safetensors (preferred), .bin, .pt or .pth")
+    except Exception as error:  # noqa: BLE001 - every reader failure becomes one message naming the file
+        raise WeightFileError(path, _diagnose(path, error, "safetensors" if lower.endswith(SAFETENSORS_SUFFIXES)
+                                              else "PyTorch")) from None
+    if not isinstance(loaded, Mapping):
+        raise WeightFileError(path, f"it holds a {type(loaded).__name__}, not a dictionary of tensors")
+    return loaded
 
 
 def read_safetensors_metadata(path) -> dict[str, str]:
@@ -50,8 +99,12 @@ def read_safetensors_metadata(path) -> dict[str, str]:
         return {}
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    safetensors_keys(path)  # a sane header first: WeightFileError naming the cause
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # noqa: BLE001 - one message naming the file
+        raise WeightFileError(path, _diagnose(path, error, "safetensors")) from None
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
@@ -119,13 +172,36 @@ E_ADAPTER_FILE, FACECRAFTER_FILE = "e_adapter", "facecrafter"  # our own formats
 
 
 def safetensors_keys(path) -> list[str]:
-    """The tensor names of a .safetensors file, read from its header alone (cheap for large files)."""
-    import json
+    """The tensor names of a .safetensors file, read from its header alone (cheap for large files).
 
+    Raises :class:`WeightFileError` for anything that is not a sane header: the length is checked against
+    safetensors' own limit and the file's size before anything is read or allocated."""
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        first = handle.read(8)
+        problem = not_weights(path, first + handle.read(56))
+        if problem:
+            raise WeightFileError(path, problem)
+        (length,) = struct.unpack("<Q", first) if len(first) == 8 else (0,)
+        if not 1 <= length <= min(MAX_SAFETENSORS_HEADER, os.path.getsize(path) - 8):
+            raise WeightFileError(path, f"not a safetensors file (its header length reads {length}, "
+                                        f"the file has {os.path.getsize(path)} bytes)")
+        handle.seek(8)
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise WeightFileError(path, "not a safetensors file (its header is not a JSON object)")
     return [key for key in header if key != "__metadata__"]
+
+
+_unreadable_logged: set[tuple[str, str]] = set()
+
+
+def _log_unreadable_once(error: WeightFileError) -> None:
+    if (error.path, error.cause) not in _unreadable_logged:
+        _unreadable_logged.add((error.path, error.cause))
+        logging.warning("Expression Adapters: %s; it is left out of the loaders' lists", error)
 
 
 def adapter_file_kind(path) -> str | None:
@@ -139,7 +215,10 @@ def adapter_file_kind(path) -> str | None:
     if name.endswith(SAFETENSORS_SUFFIXES):
         try:
             keys = safetensors_keys(path)
-        except (OSError, ValueError, struct.error):  # unreadable or truncated: not listed
+        except WeightFileError as error:  # not listed in any loader; said once in the log, with the cause
+            _log_unreadable_once(error)
+            return None
+        except OSError:
             return None
         if any("lora" in key for key in keys):
             return REFERENCE_LORA_FILE

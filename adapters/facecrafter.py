@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import KeyValueBranch, decoupled_attention
-from .checkpoints import AdapterFileError, load_strict, read_checkpoint, split_prefix, write_safetensors
+from .checkpoints import (
+    AdapterFileError,
+    load_strict,
+    read_checkpoint,
+    read_safetensors_metadata,
+    split_prefix,
+    write_safetensors,
+)
 from .layers import SD15, AttentionLayer, UNetLayout, select_layers
 from .rows import COND, UNCOND, RowLayout
 
@@ -241,13 +248,10 @@ class FaceCrafter(nn.Module):
 
     @classmethod
     def from_file(cls, path) -> FaceCrafter:
-        from safetensors import safe_open
-
         path = str(path)
         if not path.lower().endswith((".safetensors", ".sft")):
             raise AdapterFileError(path, KIND, BASE_MODEL, "FaceCrafter files are .safetensors (with metadata)")
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata = read_safetensors_metadata(path)
         return cls.from_state_dict(read_checkpoint(path), metadata, path)
 
     @classmethod
