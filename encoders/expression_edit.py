@@ -333,12 +333,12 @@ def smooth_sequence(value: ExpressionValue, method: str = "ema", strength: float
 
 # --- presets -------------------------------------------------------------------------------------
 
-_PRESET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\- .]{0,99}$")
+_PRESET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\- .]{0,99}")  # used with fullmatch: "$" would let a final newline in
 
 
 def _preset_path(folder: str | os.PathLike, kind: str, name: str) -> Path:
     name = name[:-5] if name.endswith(".json") else name
-    if not _PRESET_NAME.match(name) or name.endswith((" ", ".")):
+    if not _PRESET_NAME.fullmatch(name) or name.endswith((" ", ".")):
         raise ValueError(f"invalid preset name {name!r}: use letters, digits, spaces, '_', '-', '.' "
                          "(no path separators, not starting with '.' or '-')")
     return Path(folder) / kind / f"{name}.json"

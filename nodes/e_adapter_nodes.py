@@ -22,7 +22,7 @@ from ..encoders.expression_metrics import expression_scores
 from ..encoders.previews import score_table
 from .e_adapter_patch import apply_e_adapter
 from .types import ArcFaceEmbeddingType, EAdapterType, FaceLandmarkerType
-from .validation import check_numbers
+from .validation import check_choices, check_numbers
 
 CATEGORY = "expression_adapters"
 EXPRESSION_LAYER_CHOICES = ["auto", *LAYER_SETS]
@@ -76,6 +76,8 @@ class LoadEAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, e_adapter_name, faceid_name, image_name, lora_name=NONE):
+        check_choices(cls, source=source, e_adapter_name=e_adapter_name, faceid_name=faceid_name, image_name=image_name,
+                      lora_name=lora_name)
         if source == "e_adapter_file":
             adapter = EAdapter.from_file(_full_path("expression_adapters", e_adapter_name, "E-Adapter file"))
         else:

@@ -12,7 +12,7 @@ from ..encoders.expressions import FlameExpression
 from .cross_attention_patch import apply_cross_attention_branch
 from .model_folders import model_choices, model_file
 from .types import ExpressionAdapterType, FlameExpressionType
-from .validation import check_numbers
+from .validation import check_choices, check_numbers
 
 CATEGORY = "expression_adapters"
 EXPRESSION_ADAPTER_NAME = "exp_adapter.bin"
@@ -37,6 +37,7 @@ class LoadExpressionAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name):
+        check_choices(cls, adapter_name=adapter_name)
         path = model_file("expression_adapters", adapter_name, EXPRESSION_ADAPTER_SOURCE)
         return io.NodeOutput(ExpressionAdapter.from_file(path).eval())
 

@@ -44,7 +44,7 @@ from ..encoders.expressions import (
 )
 from ..encoders.previews import blendshape_chart, emotion_chart, flame_chart
 from .types import ArkitBlendshapesType, EmotionType, FaceLandmarksType, FlameExpressionType
-from .validation import check_numbers
+from .validation import check_choices, check_numbers
 
 CATEGORY = "expression_adapters/expression"
 FLAME_EDITOR_COMPONENTS = 10
@@ -323,6 +323,7 @@ class LoadPreset(PerKindNode):
 
     @classmethod
     def execute(cls, preset):
+        check_choices(cls, preset=preset)
         return io.NodeOutput(load_preset(presets_folder(), preset, cls.kind.value_type))
 
 

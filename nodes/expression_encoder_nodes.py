@@ -35,7 +35,7 @@ from .types import (
     FlameExpressionType,
     SmirkModelType,
 )
-from .validation import check_numbers
+from .validation import check_choices, check_numbers
 
 CATEGORY = "expression_adapters"
 SMIRK_SOURCE = "the SMIRK project's pretrained model (Google Drive link in https://github.com/georgeretsi/smirk's README)"
@@ -59,6 +59,7 @@ class LoadSmirkEncoder(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name):
+        check_choices(cls, model_name=model_name)
         path = model_file("smirk", model_name, SMIRK_SOURCE)
         return io.NodeOutput(HelperModel(load_smirk_encoder(path, device="cpu"), "SMIRK"))
 
@@ -86,6 +87,7 @@ class LoadFaceLandmarker(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, max_faces, min_confidence):
         check_numbers(cls, max_faces=max_faces, min_confidence=min_confidence)
+        check_choices(cls, model_name=model_name)
         path = folder_paths.get_full_path("mediapipe", model_name)
         if path is None:  # the library's error names the folder, the file and the download URL
             path = face_landmarker_path(folder_paths.get_folder_paths("mediapipe")[0], model_name)
@@ -276,6 +278,7 @@ class LoadEmoNet(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name):
+        check_choices(cls, model_name=model_name)
         path = model_file("emotion", model_name, EMONET_SOURCE)
         return io.NodeOutput(HelperModel(load_emonet(path, device="cpu"), "EmoNet"))
 

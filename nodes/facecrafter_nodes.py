@@ -24,7 +24,7 @@ from ..encoders.landmark_pose import pose_sweep
 from .facecrafter_patch import SWITCHES_KEY, apply_facecrafter, facecrafter_applications
 from .model_folders import model_choices, model_file
 from .types import EmotionType, FaceCrafterType, FaceLandmarksType
-from .validation import check_numbers
+from .validation import check_choices, check_numbers
 
 CATEGORY = "expression_adapters"
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class LoadFaceCrafter(io.ComfyNode):
 
     @classmethod
     def execute(cls, facecrafter_name):
+        check_choices(cls, facecrafter_name=facecrafter_name)
         path = model_file("expression_adapters", facecrafter_name, FACECRAFTER_SOURCE)
         return io.NodeOutput(FaceCrafter.from_file(path))
 

@@ -34,8 +34,9 @@ from ..encoders.identity import (
     embed_identity,
     find_model_files,
 )
+from .model_folders import check_name_inside
 from .types import Arc2FaceIDEncoderType, ArcFaceEmbeddingType, FaceAnalyzerType
-from .validation import check_numbers
+from .validation import check_choices, check_numbers
 
 CATEGORY = "expression_adapters"
 ANTELOPEV2 = ("models", "antelopev2")
@@ -97,6 +98,7 @@ def recognizer_choices() -> list[str]:
 
 def recognizer_path(choice: str) -> Path:
     """The file of a "<pack>/<file>" choice in the first registered insightface folder that has it."""
+    check_name_inside(choice, "Load InsightFace: recognizer")
     candidates = [Path(base, "models", *choice.split("/")) for base in folder_paths.get_folder_paths("insightface")]
     for path in candidates:
         if path.is_file():
@@ -147,6 +149,7 @@ class LoadInsightFace(io.ComfyNode):
     @classmethod
     def execute(cls, provider, det_size, download_missing, recognizer="auto"):
         check_numbers(cls, det_size=det_size)
+        check_choices(cls, provider=provider, recognizer=recognizer)
         folder = antelopev2_folder()
         if download_missing:
             _download_insightface_files(folder)
@@ -232,6 +235,7 @@ def encoder_folder_names() -> list[str]:
 
 def encoder_folder(name: str) -> Path:
     """``<arc2face folder>/<name>``: the first that has config.json, else the first that exists, else the first."""
+    check_name_inside(name, "Load Arc2Face ID Encoder: encoder_name")
     candidates = [Path(base, name) for base in folder_paths.get_folder_paths("arc2face")]
     for folder in candidates:
         if (folder / "config.json").is_file():
@@ -295,7 +299,10 @@ class Arc2FaceIDEncoderModel:
 class LoadArc2FaceIDEncoder(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        names = encoder_folder_names() or [DEFAULT_ENCODER]
+        found = encoder_folder_names()
+        # the published folder name always, so that choosing it gives the error that says what to put there
+        names = [DEFAULT_ENCODER, *(name for name in found if name != DEFAULT_ENCODER)]
+        default = DEFAULT_ENCODER if DEFAULT_ENCODER in found or len(names) == 1 else names[1]
         return io.Schema(
             node_id="ExpressionAdaptersLoadArc2FaceIDEncoder",
             display_name="Load Arc2Face ID Encoder",
@@ -304,7 +311,7 @@ class LoadArc2FaceIDEncoder(io.ComfyNode):
                         "with config.json and pytorch_model.bin, as published in hub repo FoivosPar/Arc2Face (encoder/). "
                         "The tokenizer is ComfyUI's own SD1 tokenizer.",
             inputs=[
-                io.Combo.Input("encoder_name", options=names, default=DEFAULT_ENCODER if DEFAULT_ENCODER in names else names[0],
+                io.Combo.Input("encoder_name", options=names, default=default,
                                tooltip="Folder in ComfyUI/models/arc2face holding config.json and pytorch_model.bin "
                                        "(or model.safetensors)"),
                 io.Boolean.Input("download_missing", default=False,
@@ -316,6 +323,7 @@ class LoadArc2FaceIDEncoder(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder_name, download_missing):
+        check_choices(cls, encoder_name=encoder_name)
         folder = encoder_folder(encoder_name)
         missing = _missing_encoder_files(folder)
         if missing and download_missing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import folder_paths
 
@@ -41,8 +42,19 @@ def model_choices(folder: str, default: str, keep=None) -> list[str]:
     return names or [default]
 
 
+def check_name_inside(name: str, what: str) -> str:
+    """``name`` when it names a place inside a folder: not absolute, no drive, no ``..`` component, no NUL.
+
+    The name is judged, not the resolved path, so model folders that are links to other disks keep working."""
+    parts = re.split(r"[\\/]", name)
+    if not name or "\0" in name or os.path.isabs(name) or name[0] in "/\\" or re.match(r"[A-Za-z]:", name) or ".." in parts:
+        raise ValueError(f"{what}: {name[:60]!r} is not a name inside its model folder (absolute paths and '..' are refused)")
+    return name
+
+
 def model_file(folder: str, name: str, source: str) -> str:
     """Full path of ``name`` in the registered ``folder``; else an error naming the folders, the file and the source."""
+    check_name_inside(name, f"the '{folder}' model file")
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         searched = ", ".join(folder_paths.get_folder_paths(folder)) or f"ComfyUI/models/{folder}"

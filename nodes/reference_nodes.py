@@ -11,7 +11,7 @@ from ..encoders.face_align import aligned_portraits
 from .model_folders import model_choices, model_file
 from .reference_patch import apply_reference_adapter
 from .types import FaceAnalyzerType, ReferenceAdapterType
-from .validation import check_numbers
+from .validation import check_choices, check_numbers
 
 CATEGORY = "expression_adapters"
 REFERENCE_LORA_NAME = "ref_adapter/pytorch_lora_weights.safetensors"
@@ -50,6 +50,7 @@ class LoadReferenceAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name):
+        check_choices(cls, lora_name=lora_name)
         return io.NodeOutput(ReferenceLora.from_file(model_file("expression_adapters", lora_name, REFERENCE_LORA_SOURCE)))
 
 

@@ -204,7 +204,7 @@ def test_preset_errors(tmp_path):
         load_preset(tmp_path, "nan", FlameExpression)
     with pytest.raises(FileNotFoundError, match="available"):
         load_preset(tmp_path, "nothing", FlameExpression)
-    for bad in ("../escape", "a/b", ".hidden", ""):
+    for bad in ("../escape", "a/b", ".hidden", "", "ok\n", "ok\n.json"):  # "$" once let a final newline in
         with pytest.raises(ValueError, match="invalid preset name"):
             save_preset(FlameExpression.neutral(), tmp_path, bad)
 

@@ -249,7 +249,9 @@ def test_encoder_folders_are_listed_and_missing_files_named(nodes, tmp_path, mon
     write_encoder_folder(tmp_path / "arc2face" / "encoder", {"model_type": "clip_text_model"}, weights=None)
     write_encoder_folder(tmp_path / "arc2face" / "mine" / "fp16", {"model_type": "clip_text_model"}, "model.safetensors")
     write_encoder_folder(tmp_path / "arc2face" / "unet", {"_class_name": "UNet2DConditionModel"}, "diffusion_pytorch_model.safetensors")
-    assert nodes.LoadArc2FaceIDEncoder.GET_SCHEMA().inputs[0].options == ["mine/fp16"]
+    # the published name stays listed (incomplete here), so that choosing it says what is missing
+    assert nodes.LoadArc2FaceIDEncoder.GET_SCHEMA().inputs[0].options == ["encoder", "mine/fp16"]
+    assert nodes.LoadArc2FaceIDEncoder.GET_SCHEMA().inputs[0].default == "mine/fp16"
     with pytest.raises(FileNotFoundError, match=r"encoder is missing pytorch_model.bin or model.safetensors: it must hold"):
         nodes.LoadArc2FaceIDEncoder.execute(encoder_name="encoder", download_missing=False)
 
