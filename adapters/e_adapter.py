@@ -192,7 +192,10 @@ class EAdapter(torch.nn.Module):
         """The expression branch on ``layer_set`` ("auto": the adapter's own set)."""
         name = self.expression_layers if layer_set == "auto" else layer_set
         try:
-            return subset(self.expression, select_layers(self.layout, name))
+            layers = select_layers(self.layout, name)
+            if not layers:  # the photo would change nothing: say so instead of running without it
+                raise ValueError(f"it selects no cross-attention layer of the {self.layout.name} UNet")
+            return subset(self.expression, layers)
         except ValueError as error:
             raise ValueError(f"expression layers {name!r}: {error}; this adapter's file holds the set "
                              f"{self.expression_layers!r} (an adapter assembled from the published image IP-Adapter "

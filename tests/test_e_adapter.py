@@ -105,6 +105,16 @@ def test_other_expression_layer_sets_are_selectable_from_the_published_file(tmp_
     assert len(adapter.expression_branch("all").layers) == 70
 
 
+def test_a_layer_set_that_selects_no_layer_of_the_model_is_refused(tmp_path):
+    """SDXL's Up 0.1 on an SD1.5 adapter selects nothing (SD1.5's up_blocks.0 has no attention): the expression photo
+    would change nothing, so Apply E-Adapter says so instead of running without it."""
+    adapter = EAdapter.from_published(*write_published(tmp_path, "SD1.5"))
+    with pytest.raises(ValueError, match=r"expression layers 'emojidiff_expression_sdxl': it selects no cross-attention "
+                                         r"layer of the SD1.5 UNet"):
+        adapter.expression_branch("emojidiff_expression_sdxl")
+    assert len(adapter.expression_branch("up").layers) == 9
+
+
 def test_bigg_clip_width_is_accepted(tmp_path):
     adapter = EAdapter.from_published(*write_published(tmp_path, "SDXL", clip_dim=1280))
     assert adapter.clip_vision == "bigG" and adapter.expression_tokens(torch.randn(1, 1280)).shape == (1, 4, 32)
