@@ -35,6 +35,7 @@ import torch
 
 from .expressions import (
     ARKIT_BLENDSHAPE_NAMES,
+    MAX_ROWS,
     VALUE_TYPES,
     ArkitBlendshapes,
     Emotion,
@@ -251,6 +252,8 @@ def parse_frame_list(text: str | Sequence[int]) -> list[int]:
     if not isinstance(text, str):
         return [int(f) for f in text]
     parts = [p for p in re.split(r"[,\s;]+", text.strip()) if p]
+    if len(parts) > MAX_ROWS:
+        raise ValueError(f"{len(parts)} frame numbers; at most {MAX_ROWS} keyframes")
     try:
         return [int(p) for p in parts]
     except ValueError:

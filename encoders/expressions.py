@@ -23,6 +23,9 @@ import torch
 
 from .checks import rows_text
 
+MAX_ROWS = 4096  # rows (frames, images) a value may have when read from text or a file: Interpolate's most frames
+MAX_JSON_CHARS = 8 << 20  # 4,096 rows of 55 numbers need about 5 MB
+
 
 class ExpressionValue:
     """Base class: a batch of fixed-shape expression rows."""
@@ -134,7 +137,11 @@ class ExpressionValue:
 
     @classmethod
     def from_json(cls, text: str) -> ExpressionValue:
-        """Read ``{"kind": ..., "values": [...]}`` or a bare list (one row or a list of rows)."""
+        """Read ``{"kind": ..., "values": [...]}`` or a bare list (one row or a list of rows), at most
+        :data:`MAX_ROWS` rows."""
+        if len(text) > MAX_JSON_CHARS:
+            raise ValueError(f"{cls.kind}: {len(text):,} characters of JSON; at most {MAX_JSON_CHARS:,} "
+                             f"({MAX_ROWS} rows) are read")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
@@ -151,6 +158,9 @@ class ExpressionValue:
             data = data.get("values")
         if not isinstance(data, list):
             raise ValueError(f"{cls.kind}: got {type(data).__name__} {text.strip()[:40]!r}. {cls.json_format()}")
+        rows = len(data) if data and isinstance(data[0], list) else 1
+        if rows > MAX_ROWS:
+            raise ValueError(f"{cls.kind}: {rows} rows; at most {MAX_ROWS} are read from text or a file")
         try:
             value = cls(torch.tensor(data, dtype=torch.float32), **extra)
         except (TypeError, ValueError) as error:

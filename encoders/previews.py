@@ -6,6 +6,7 @@ landmarks over the photo, a blendshape bar chart, a FLAME parameter chart and an
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,18 @@ BAR_NEGATIVE = (255, 120, 90)
 EYELID = (120, 220, 120)
 JAW = (255, 190, 80)
 FONT_SCALE = 0.4
+MAX_CHART_PIXELS = 64 << 20  # per chart node run: 64 Mpx is 768 MB as a float32 IMAGE batch
+logger = logging.getLogger(__name__)
+
+
+def rows_to_draw(rows: int, width: int, height: int, what: str) -> int:
+    """How many of ``rows`` charts of ``width`` x ``height`` fit the pixel budget; the rest are left out, said once
+    in the log (a 4,096-frame animation at 2,048 x 1,024 would be a 103 GB tensor)."""
+    fits = max(1, MAX_CHART_PIXELS // (width * height))
+    if rows > fits:
+        logger.warning("%s: drawing the first %d of %d rows (%d x %d each: at most %d Mpx in all); lower the size "
+                       "or chart fewer rows", what, fits, rows, width, height, MAX_CHART_PIXELS >> 20)
+    return min(rows, fits)
 
 
 def _cv2():
@@ -77,7 +90,7 @@ def blendshape_chart(blendshapes: ArkitBlendshapes, width: int = 512, row_height
     if bar_x1 - bar_x0 < 20:
         raise ValueError(f"blendshape chart width {width} is too small (at least {label_w + value_w + 20})")
     canvases = []
-    for row in blendshapes.values:
+    for row in blendshapes.values[:rows_to_draw(len(blendshapes.values), width, height, "Blendshape Chart")]:
         canvas = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
         _text(canvas, "ARKit blendshapes (0..1)", margin, margin + 8, MUTED)
         for frac in (0.25, 0.5, 0.75, 1.0):
@@ -130,7 +143,7 @@ def flame_chart(expression: FlameExpression, width: int = 768, height: int = 300
     lid_x0, lid_x1 = expr_x1 + 40, expr_x1 + 40 + int(width * 0.07)
     jaw_x0, jaw_x1 = lid_x1 + 40, width - 36
     canvases = []
-    for row in expression.values:
+    for row in expression.values[:rows_to_draw(len(expression.values), width, height, "FLAME Chart")]:
         canvas = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
         _text(canvas, "FLAME expression parameters", margin, 14, TEXT)
         expr = row[:50].tolist()
@@ -156,7 +169,7 @@ def emotion_chart(emotion: Emotion, width: int = 512, height: int = 220) -> torc
     bar_x0, bar_x1 = 80, width - plot - 3 * margin - 40
     row_h = (height - 2 * margin - 16) // len(EMOTION_CLASSES)
     canvases = []
-    for row in emotion.values:
+    for row in emotion.values[:rows_to_draw(len(emotion.values), width, height, "Emotion Chart")]:
         canvas = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
         _text(canvas, "emotion", margin, margin + 6, MUTED)
         for j, name in enumerate(EMOTION_CLASSES):

@@ -36,6 +36,7 @@ from ..encoders.expression_edit import (
 from ..encoders.expressions import (
     ARKIT_BLENDSHAPE_NAMES,
     EMOTION_CLASSES,
+    MAX_ROWS,
     ArkitBlendshapes,
     Emotion,
     ExpressionValue,
@@ -234,7 +235,7 @@ class Interpolate(PerKindNode):
                           "the last is end): feed it to a batch of latents of the same size.", [
             cls.kind.socket.Input("start", tooltip="Where the animation starts (one row)"),
             cls.kind.socket.Input("end", tooltip="Where the animation ends (one row)"),
-            io.Int.Input("frames", default=16, min=1, max=4096, tooltip="Number of frames (rows) to make"),
+            io.Int.Input("frames", default=16, min=1, max=MAX_ROWS, tooltip="Number of frames (rows) to make"),
             io.Combo.Input("easing", options=list(EASINGS), default="linear",
                            tooltip="ease_in starts slowly, ease_out ends slowly, ease_in_out both"),
         ], output_tooltip="One row per frame")
@@ -254,7 +255,7 @@ class Keyframes(PerKindNode):
                           "frames before the first and after the last hold still. Join rows with Expression Batch.", [
             cls.kind.socket.Input("keyframes", tooltip="K rows, one per keyframe"),
             io.String.Input("frames", default="0, 15", tooltip="K frame numbers, comma-separated, e.g. 0, 12, 30"),
-            io.Int.Input("length", default=16, min=1, max=4096, tooltip="Number of frames (rows) to make"),
+            io.Int.Input("length", default=16, min=1, max=MAX_ROWS, tooltip="Number of frames (rows) to make"),
             io.Combo.Input("easing", options=list(EASINGS), default="linear", tooltip="Easing of each segment"),
         ], output_tooltip="One row per frame")
 
