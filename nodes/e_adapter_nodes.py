@@ -9,7 +9,6 @@ assembled from (``models/ipadapter``: ``ip-adapter-faceid_sd15.bin`` + ``ip-adap
 from __future__ import annotations
 
 import logging
-import math
 
 import folder_paths
 import numpy as np
@@ -198,22 +197,24 @@ class ExpressionScores(io.ComfyNode):
         ref = face_landmarker.detect(reference, face_index=face_index)
         # a generated picture without a face (a failed generation) gets no score instead of stopping the run
         found = {i: result for i, result in enumerate(face_landmarker.detect_each(generated, face_index)) if result is not None}
+        if not found:  # a NaN score would flow into whatever reads it; every other output of the pack refuses NaN
+            raise ValueError(f"Expression Scores: none of the {count} generated images shows a face (face_index "
+                             f"{face_index}), so there is nothing to score; look at the pictures, or score fewer")
         if len(found) < count:
             logger.warning("Expression Scores: no face found in generated images %s; they get no score",
                            [i + 1 for i in range(count) if i not in found])
         columns = ("exp_mean", "exp_sum", "lms")
         values = {column: np.full(count, np.nan) for column in columns}
         scored = sorted(found)
-        if scored:
-            ref_rows = slice(None) if reference.shape[0] == 1 else scored
-            scores = expression_scores(ref.blendshapes.values.numpy()[ref_rows],
-                                       np.concatenate([found[i].blendshapes.values.numpy() for i in scored]),
-                                       ref.landmarks.values.numpy()[ref_rows],
-                                       np.concatenate([found[i].landmarks.values.numpy() for i in scored]),
-                                       tuple(reference.shape[1:3]), tuple(generated.shape[1:3]))
-            for column in columns:
-                values[column][scored] = scores[column]
-        means = [float(values[column][scored].mean()) if scored else math.nan for column in columns]
+        ref_rows = slice(None) if reference.shape[0] == 1 else scored
+        scores = expression_scores(ref.blendshapes.values.numpy()[ref_rows],
+                                   np.concatenate([found[i].blendshapes.values.numpy() for i in scored]),
+                                   ref.landmarks.values.numpy()[ref_rows],
+                                   np.concatenate([found[i].landmarks.values.numpy() for i in scored]),
+                                   tuple(reference.shape[1:3]), tuple(generated.shape[1:3]))
+        for column in columns:
+            values[column][scored] = scores[column]
+        means = [float(values[column][scored].mean()) for column in columns]
         rows = [(f"image {i + 1}" + ("" if i in found else ": no face"), [float(values[c][i]) for c in columns])
                 for i in range(count)]
         rows.append(("mean" if len(scored) == count else f"mean of {len(scored)} with a face", means))

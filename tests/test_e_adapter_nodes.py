@@ -9,7 +9,6 @@ stand-in detector (``onnx_face_models``); Google's real MediaPipe face landmarke
 from __future__ import annotations
 
 import asyncio
-import math
 from functools import cache
 from pathlib import Path
 
@@ -217,9 +216,9 @@ def test_expression_scores_node(nodes, landmarker, t1):
         reference=reference, generated=torch.cat([black, batch]), face_landmarker=landmarker, face_index=0).args
     assert exp_sum == pytest.approx(sums.mean()) and lms == pytest.approx(lmss.mean())
     assert "image 1: no face: exp_mean nan" in report and report.splitlines()[-1].startswith("mean of 2 with a face:")
-    exp_mean, _, _, report, _ = nodes.ExpressionScores.execute(reference=reference, generated=black,
-                                                               face_landmarker=landmarker, face_index=0).args
-    assert math.isnan(exp_mean) and report.splitlines()[-1].startswith("mean of 0 with a face:")
+    # none with a face: no NaN scores flow on, the node says why
+    with pytest.raises(ValueError, match="none of the 1 generated images shows a face"):
+        nodes.ExpressionScores.execute(reference=reference, generated=black, face_landmarker=landmarker, face_index=0)
     with pytest.raises(ValueError, match="2 reference images for 3 generated images"):
         nodes.ExpressionScores.execute(reference=batch, generated=torch.cat([batch, reference]), face_landmarker=landmarker,
                                        face_index=0)
