@@ -283,6 +283,9 @@ class LoadEmoNet(io.ComfyNode):
         return io.NodeOutput(HelperModel(load_emonet(path, device="cpu"), "EmoNet"))
 
 
+MIN_FACE_CROP = 32  # smaller than this, a picture taken as a face crop holds no face EmoNet can read
+
+
 class EmotionFromImage(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -309,6 +312,11 @@ class EmotionFromImage(io.ComfyNode):
     @classmethod
     def execute(cls, image, emonet, crop_scale, landmarks=None):
         check_numbers(cls, crop_scale=crop_scale)
+        height, width = image.shape[1:3]
+        if landmarks is None and min(height, width) < MIN_FACE_CROP:
+            raise ValueError(f"Emotion from Image: a {width}x{height} image is too small to be a face crop (at least "
+                             f"{MIN_FACE_CROP} pixels a side; EmoNet reads 256x256 crops); connect landmarks to crop the "
+                             "face from a photo")
         emotion, crops = predict_emotion(helper_module(emonet), image, landmarks, scale=crop_scale)
         return io.NodeOutput(emotion, crops)
 

@@ -275,6 +275,8 @@ class LandmarkPoseEditor(io.ComfyNode):
 
     @classmethod
     def execute(cls, landmarks, yaw, pitch, roll, scale, shift_x, shift_y, frames, yaw_end, pitch_end, roll_end):
+        check_numbers(cls, yaw=yaw, pitch=pitch, roll=roll, scale=scale, shift_x=shift_x, shift_y=shift_y, frames=frames,
+                      yaw_end=yaw_end, pitch_end=pitch_end, roll_end=roll_end)
         start = (yaw, pitch, roll)
         if frames == 1:
             frames, end = len(landmarks), start

@@ -461,3 +461,7 @@ def test_pose_editor_node_sweeps_and_reports(comfy):
     torch.testing.assert_close(posed.values[1], landmarks.values[0], atol=1e-6, rtol=0)
     _, report = node.execute(landmarks, **(angles | {"shift_x": 0.9}), frames=1, yaw_end=0.0, pitch_end=0.0, roll_end=0.0).result
     assert report.startswith("image 1: ") and "outside the frame" in report
+    for name in ("yaw_end", "pitch_end", "roll_end"):  # NaN is named as the input it came in, not as its start angle
+        ends = {"yaw_end": 0.0, "pitch_end": 0.0, "roll_end": 0.0} | {name: float("nan")}
+        with pytest.raises(ValueError, match=rf"Landmark Pose Editor: {name} must be a finite number"):
+            node.execute(landmarks, **angles, frames=3, **ends)

@@ -234,6 +234,8 @@ def test_emonet_loader_and_emotion_from_image(enc, lib, models, monkeypatch, t1)
     torch.testing.assert_close(emotion.probabilities.sum(1), torch.ones(3))
     whole, _ = outputs(enc.EmotionFromImage.execute(image=crops[:1], emonet=emonet, crop_scale=1.2))
     assert len(whole) == 1
+    with pytest.raises(ValueError, match=r"a 1x1 image is too small to be a face crop \(at least 32 pixels"):
+        enc.EmotionFromImage.execute(image=torch.full((1, 1, 1, 3), 0.5), emonet=emonet, crop_scale=1.2)
 
 
 # --- editing ------------------------------------------------------------------------------------------------
