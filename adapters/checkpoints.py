@@ -153,6 +153,12 @@ def describe_key_mismatch(expected: Iterable[str], found: Iterable[str], limit: 
 
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path, kind: str, base_model: str) -> None:
     """``load_state_dict(strict=True)`` with an error naming the file, the adapter and the mismatch."""
+    check_fits(module, state_dict, path, kind, base_model)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def check_fits(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path, kind: str, base_model: str) -> None:
+    """:class:`AdapterFileError` naming the missing, unexpected or misshapen keys; ``module`` may be on the meta device."""
     expected = module.state_dict()
     problem = describe_key_mismatch(expected, state_dict)
     if not problem:
@@ -164,7 +170,6 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
         problem = "shape mismatch: " + "; ".join(shapes[:8]) if shapes else ""
     if problem:
         raise AdapterFileError(path, kind, base_model, problem)
-    module.load_state_dict(state_dict, strict=True)
 
 
 EXPRESSION_ADAPTER_FILE, REFERENCE_LORA_FILE = "expression_adapter", "reference_lora"

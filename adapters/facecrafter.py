@@ -39,6 +39,7 @@ from torch import nn
 from .attention import KeyValueBranch, decoupled_attention
 from .checkpoints import (
     AdapterFileError,
+    check_fits,
     load_strict,
     read_checkpoint,
     read_safetensors_metadata,
@@ -269,11 +270,22 @@ class FaceCrafter(nn.Module):
             raise AdapterFileError(path, KIND, BASE_MODEL, f"made for {metadata['layout']}; FaceCrafter is Arc2Face (SD1.5) only")
         layer_set = metadata.get("layer_set", "all")
         widths = _widths_in(sections)
-        try:
-            crafter = cls(configs["lmk"], configs["emo"], layer_set=layer_set, widths=widths or None,
-                          landmark_style=json.loads(metadata["landmark_style"]) if "landmark_style" in metadata else None)
-        except (KeyError, ValueError) as error:
-            raise AdapterFileError(path, KIND, BASE_MODEL, f"its K/V layers do not fit the layer set {layer_set!r}: {error}") from None
+        style = json.loads(metadata["landmark_style"]) if "landmark_style" in metadata else None
+
+        def build():
+            try:
+                return cls(configs["lmk"], configs["emo"], layer_set=layer_set, widths=widths or None, landmark_style=style)
+            except (KeyError, ValueError) as error:
+                raise AdapterFileError(path, KIND, BASE_MODEL,
+                                       f"its K/V layers do not fit the layer set {layer_set!r}: {error}") from None
+
+        # the metadata sizes the modules: check them against the tensors on the meta device first, so that made-up
+        # metadata is refused before anything is allocated
+        with torch.device("meta"):
+            shapes_only = build()
+        for name, module in shapes_only.modules_present().items():
+            check_fits(module, sections[name], path, f"{KIND} ({name} section)", BASE_MODEL)
+        crafter = build()
         for name, module in crafter.modules_present().items():
             load_strict(module, sections[name], path, f"{KIND} ({name} section)", BASE_MODEL)
         return crafter.eval()

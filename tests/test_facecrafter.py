@@ -126,6 +126,24 @@ def test_loading_is_strict_and_names_what_did_not_fit(tmp_path):
         FaceCrafter.from_file(tmp_path / "facecrafter.bin")
 
 
+def test_made_up_metadata_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
+    """Metadata sizes the modules; a config far larger than the tensors (here 2**14-channel convolutions, about
+    22 GB of float32) is compared on the meta device and refused before one weight is allocated."""
+    crafter = random_facecrafter()
+    path = tmp_path / "facecrafter.safetensors"
+    crafter.save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    config = json.loads(metadata["lmk_config"]) | {"channels": [2**14] * 6}
+    allocated = []
+    monkeypatch.setattr(torch.nn.Conv2d, "reset_parameters", lambda self: allocated.append(self.weight.device.type))
+    with pytest.raises(AdapterFileError, match=r"lmk section\).*shape mismatch"):
+        FaceCrafter.from_file(_resave(tmp_path, load_file(path), metadata | {"lmk_config": json.dumps(config)}))
+    assert allocated and set(allocated) == {"meta"}  # built, but only as shapes
+
+
 def test_sdxl_is_refused():
     with pytest.raises(ValueError, match="FaceCrafter is built on Arc2Face, an SD1.5 model; it has no SDXL form"):
         FaceCrafter(layout=SDXL)
