@@ -11,6 +11,7 @@ keys/values live for one sampling run.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -60,15 +61,20 @@ class SigmaGate:
 
     Decided once per UNet call, not per layer: every layer of one call gets the same ``sigmas``
     tensor, so the comparison (a GPU->CPU sync on a GPU) runs for the first layer and the answer is
-    kept until the next call's tensor arrives. :meth:`forget` drops it at the end of a sampling run.
+    kept until the next call's tensor arrives. The tensor and its answer are kept as one tuple, so
+    chunks evaluated in threads (newer ComfyUI, several GPUs) never read another call's answer.
+    :meth:`forget` drops it at the end of a sampling run.
     """
 
     def __init__(self, strength: float, sigma_start: float, sigma_end: float):
         self.strength = float(strength)
         self.sigma_start = float(sigma_start)
         self.sigma_end = float(sigma_end)
-        self.decided_for: torch.Tensor | None = None  # held, so its id cannot be reused by a later tensor
-        self._active = True
+        self.decision: tuple[torch.Tensor, bool] | None = None  # the tensor held, so its id cannot be reused
+
+    @property
+    def decided_for(self) -> torch.Tensor | None:
+        return None if self.decision is None else self.decision[0]
 
     @classmethod
     def from_percents(cls, model, strength: float, start_at: float, end_at: float) -> SigmaGate:
@@ -83,13 +89,14 @@ class SigmaGate:
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
             return True
-        if sigmas is not self.decided_for:
-            self.decided_for = sigmas
-            self._active = self.sigma_end <= float(sigmas.detach().max()) <= self.sigma_start
-        return self._active
+        decision = self.decision
+        if decision is None or decision[0] is not sigmas:
+            decision = (sigmas, self.sigma_end <= float(sigmas.detach().max()) <= self.sigma_start)
+            self.decision = decision
+        return decision[1]
 
     def forget(self) -> None:
-        self.decided_for = None
+        self.decision = None
 
 
 class PerRunCache:
@@ -103,6 +110,7 @@ class PerRunCache:
     def __init__(self, gate: SigmaGate | None = None):
         self.gate = gate
         self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._lock = threading.Lock()  # chunks evaluated in threads project each entry once
 
     def __deepcopy__(self, memo):
         return self
@@ -120,9 +128,13 @@ class PerRunCache:
             self.gate.forget()
 
     def cached(self, key: tuple, compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
+        found = self._cache.get(key)
+        if found is None:
+            with self._lock:
+                found = self._cache.get(key)
+                if found is None:
+                    found = self._cache[key] = compute()
+        return found
 
 
 class BranchTokens(PerRunCache):

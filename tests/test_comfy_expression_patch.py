@@ -244,3 +244,38 @@ def test_per_frame_expressions_follow_comfyuis_context_windows(comfy):
     second = run(apply(comfy, hosts.model, adapter, expressions[2:]), [2, 3])
     torch.testing.assert_close(together, torch.cat([first, second]), atol=1e-4, rtol=1e-4)
     assert (first[0] - first[1]).abs().max() > 1e-3
+
+
+def test_chunks_evaluated_in_threads_give_the_serial_result(comfy):
+    """Newer ComfyUI can run a guided batch's chunks in threads (several GPUs): they share the per-run key/value
+    cache and the sigma gate. Chunks at sigmas inside and outside the gate's range, run from four threads at
+    once, give what they give one after another, and each layer's keys/values are projected once per layout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from comfy import model_management
+
+    hosts = Hosts("SD1.5", batch=1)
+    patched = apply(comfy, hosts.model, random_expression_adapter(), torch.randn(1, 55), end_at=0.5)
+    model_management.load_models_gpu([patched])
+    tokens = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)].tokens
+    high, low = float(tokens.gate.sigma_end) * 2, float(tokens.gate.sigma_end) / 2  # branch on / off
+
+    def chunk(job):
+        order, sigma = job
+        options = dict(patched.model_options["transformer_options"]) | {
+            "cond_or_uncond": list(order), "sigmas": torch.full((1,), sigma)}
+        with torch.no_grad():
+            return patched.model.diffusion_model(hosts.x, timesteps=hosts.t, context=hosts.context, transformer_options=options)
+
+    jobs = [(order, sigma) for order in ([0], [1]) for sigma in (high, low)] * 4
+    serial = [chunk(job) for job in jobs]
+    assert not torch.equal(serial[0], serial[1])  # the gate matters
+    tokens.clear()
+    projected = []
+    original = tokens._rows
+    tokens._rows = lambda *args: projected.append(args[0].comfy_key) or original(*args)
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(chunk, jobs))
+    for got, expected in zip(threaded, serial, strict=True):
+        assert torch.equal(got, expected)
+    assert len(projected) == len(set(projected)) * 2  # per layer: once for [0], once for [1]
