@@ -105,6 +105,14 @@ def assert_good_prompt_runs(server) -> None:
     assert record["status"]["status_str"] == "success", record["status"]
 
 
+def peak_memory_gb(server) -> float:
+    """The server process's peak resident memory so far (VmHWM)."""
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    raise AssertionError("no VmHWM in /proc")
+
+
 def loader(class_type: str, **inputs) -> dict:
     return {"1": {"class_type": class_type, "inputs": inputs},
             "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
@@ -157,6 +165,7 @@ def test_a_huge_chart_request_stays_bounded(server):
     written = sum(path.stat().st_size for path in temp.rglob("*") if path.is_file()) - before
     assert written < 200 << 20
     assert "drawing the first 32 of 4096 rows" in server.log_text()
+    assert peak_memory_gb(server) < 6  # 4,096 charts would have been a 103 GB tensor
 
 
 def test_nothing_was_written_outside_the_servers_folders(server):
