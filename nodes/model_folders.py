@@ -33,13 +33,15 @@ def register_model_folders() -> None:
 
 
 def model_choices(folder: str, default: str, keep=None) -> list[str]:
-    """The files of a model folder (those ``keep(full_path)`` accepts, when given); the expected file name when
-    there is none, so that the loader's error can say where to get it and where to put it."""
+    """The files of a model folder (those ``keep(full_path)`` accepts, when given), and the published file name
+    always, last when it is absent (a new node shows a file that is there): so a workflow saved with it passes
+    ComfyUI's list check (newer versions check V3 combos too) and reaches the loader, whose error says where
+    to get the file and where to put it."""
     names = folder_paths.get_filename_list(folder)
     if keep is not None:
         paths = {name: folder_paths.get_full_path(folder, name) for name in names}
         names = [name for name in names if paths[name] is not None and keep(paths[name])]
-    return names or [default]
+    return names if default in names else [*names, default]
 
 
 def check_name_inside(name: str, what: str) -> str:

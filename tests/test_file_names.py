@@ -96,3 +96,17 @@ def test_a_model_folder_that_links_to_another_disk_keeps_working(comfy, tmp_path
     use_folders(monkeypatch, "expression_adapters", link)
     [adapter] = comfy.pack.nodes.expression_adapter_nodes.LoadExpressionAdapter.execute(adapter_name="mine.safetensors").args
     assert isinstance(next(adapter.parameters()), torch.Tensor)
+
+
+def test_the_published_name_stays_listed_so_its_error_can_guide(comfy, tmp_path, monkeypatch):
+    """Newer ComfyUI checks a V3 combo's value against its options before the node runs: a workflow saved with the
+    published file name must pass that check even when other files are there, to reach the loader's own error."""
+    encoders = comfy.pack.nodes.expression_encoder_nodes
+    folder = tmp_path / "emotion"
+    folder.mkdir()
+    (folder / "my_emonet.pth").write_bytes(b"")
+    use_folders(monkeypatch, "emotion", folder)
+    options = encoders.LoadEmoNet.define_schema().inputs[0].options
+    assert options == ["my_emonet.pth", "emonet_8.pth"]  # a file that is there first: a new node shows it
+    with pytest.raises(FileNotFoundError, match=r"'emonet_8.pth' not found in the 'emotion' model folder .* save it as"):
+        encoders.LoadEmoNet.execute(model_name="emonet_8.pth")
