@@ -9,6 +9,7 @@ assembled from (``models/ipadapter``: ``ip-adapter-faceid_sd15.bin`` + ``ip-adap
 from __future__ import annotations
 
 import logging
+import math
 
 import folder_paths
 import numpy as np
@@ -160,6 +161,19 @@ def apply_lora_file(model, path: str, strength: float):
     return patched
 
 
+SCORE_OUTPUTS = (0, 1, 2)  # exp_mean, exp_sum, lms: the FLOAT outputs
+
+
+def scores_feed_other_nodes(hidden) -> bool:
+    """Whether another node of the running prompt reads a score output; True when the prompt is unknown (a call
+    from Python), so that no NaN can flow on unseen."""
+    prompt, node_id = getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None)
+    if not isinstance(prompt, dict) or node_id is None:
+        return True
+    return any(isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node_id) and value[1] in SCORE_OUTPUTS
+               for node in prompt.values() for value in node.get("inputs", {}).values())
+
+
 class ExpressionScores(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -186,6 +200,7 @@ class ExpressionScores(io.ComfyNode):
                 io.String.Output(display_name="report", tooltip="Per-image and mean values as text"),
                 io.Image.Output(display_name="table", tooltip="The same numbers as a small table image"),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # which outputs the prompt reads: see scores_feed_other_nodes
         )
 
     @classmethod
@@ -197,24 +212,27 @@ class ExpressionScores(io.ComfyNode):
         ref = face_landmarker.detect(reference, face_index=face_index)
         # a generated picture without a face (a failed generation) gets no score instead of stopping the run
         found = {i: result for i, result in enumerate(face_landmarker.detect_each(generated, face_index)) if result is not None}
-        if not found:  # a NaN score would flow into whatever reads it; every other output of the pack refuses NaN
+        if not found and scores_feed_other_nodes(cls.hidden):  # NaN would flow on: no other output of the pack gives NaN
             raise ValueError(f"Expression Scores: none of the {count} generated images shows a face (face_index "
-                             f"{face_index}), so there is nothing to score; look at the pictures, or score fewer")
+                             f"{face_index}), so there is no score for the nodes its score outputs feed; look at the "
+                             "pictures (the report and table still say which have no face when only they are used)")
         if len(found) < count:
             logger.warning("Expression Scores: no face found in generated images %s; they get no score",
                            [i + 1 for i in range(count) if i not in found])
         columns = ("exp_mean", "exp_sum", "lms")
         values = {column: np.full(count, np.nan) for column in columns}
         scored = sorted(found)
-        ref_rows = slice(None) if reference.shape[0] == 1 else scored
-        scores = expression_scores(ref.blendshapes.values.numpy()[ref_rows],
-                                   np.concatenate([found[i].blendshapes.values.numpy() for i in scored]),
-                                   ref.landmarks.values.numpy()[ref_rows],
-                                   np.concatenate([found[i].landmarks.values.numpy() for i in scored]),
-                                   tuple(reference.shape[1:3]), tuple(generated.shape[1:3]))
-        for column in columns:
-            values[column][scored] = scores[column]
-        means = [float(values[column][scored].mean()) for column in columns]
+        if scored:
+            ref_rows = slice(None) if reference.shape[0] == 1 else scored
+            scores = expression_scores(ref.blendshapes.values.numpy()[ref_rows],
+                                       np.concatenate([found[i].blendshapes.values.numpy() for i in scored]),
+                                       ref.landmarks.values.numpy()[ref_rows],
+                                       np.concatenate([found[i].landmarks.values.numpy() for i in scored]),
+                                       tuple(reference.shape[1:3]), tuple(generated.shape[1:3]))
+            for column in columns:
+                values[column][scored] = scores[column]
+        # no face anywhere: the score outputs feed nothing (checked above), only the report and table are read
+        means = [float(values[column][scored].mean()) if scored else math.nan for column in columns]
         rows = [(f"image {i + 1}" + ("" if i in found else ": no face"), [float(values[c][i]) for c in columns])
                 for i in range(count)]
         rows.append(("mean" if len(scored) == count else f"mean of {len(scored)} with a face", means))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -216,9 +217,15 @@ def test_expression_scores_node(nodes, landmarker, t1):
         reference=reference, generated=torch.cat([black, batch]), face_landmarker=landmarker, face_index=0).args
     assert exp_sum == pytest.approx(sums.mean()) and lms == pytest.approx(lmss.mean())
     assert "image 1: no face: exp_mean nan" in report and report.splitlines()[-1].startswith("mean of 2 with a face:")
-    # none with a face: no NaN scores flow on, the node says why
+    # none with a face: no NaN score may flow into another node (a call from Python: the prompt is unknown)
     with pytest.raises(ValueError, match="none of the 1 generated images shows a face"):
         nodes.ExpressionScores.execute(reference=reference, generated=black, face_landmarker=landmarker, face_index=0)
+    # in a prompt that reads only the report and table (as emojidiff_compare does), the run goes on and says why
+    feeds = {"9": {"class_type": "ExpressionAdaptersExpressionScores", "inputs": {}},
+             "10": {"class_type": "PreviewAny", "inputs": {"source": ["9", 3]}}}
+    assert not nodes.scores_feed_other_nodes(SimpleNamespace(prompt=feeds, unique_id="9"))
+    assert nodes.scores_feed_other_nodes(SimpleNamespace(prompt=feeds | {"11": {"inputs": {"a": ["9", 2]}}}, unique_id="9"))
+    assert nodes.scores_feed_other_nodes(None)
     with pytest.raises(ValueError, match="2 reference images for 3 generated images"):
         nodes.ExpressionScores.execute(reference=batch, generated=torch.cat([batch, reference]), face_landmarker=landmarker,
                                        face_index=0)
