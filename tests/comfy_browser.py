@@ -2,7 +2,8 @@
 
 The server is the ComfyUI checkout that ``workflows/run.py`` finds (``COMFYUI_PATH``), started as
 ``python main.py`` on 127.0.0.1 on a free port, with ``--base-directory`` a temporary folder whose
-``custom_nodes`` holds a link to this pack and whose ``input`` holds a photo, as a user would have.
+``custom_nodes`` holds a link to this pack (and to any other packs given) and whose ``input`` holds a photo,
+as a user would have.
 The frontend is ComfyUI's own (``comfyui-frontend-package``); the browser is Debian's ``chromium``
 driven by Playwright (never a browser Playwright downloads itself).
 """
@@ -72,7 +73,8 @@ def write_video(path: Path, picture) -> None:
 class ComfyServer:
     """``python main.py`` of a ComfyUI checkout, with this pack, in a throw-away base directory."""
 
-    def __init__(self, comfyui: Path, base: Path, input_files=("arc2face_person.jpg",), model_files=()):
+    def __init__(self, comfyui: Path, base: Path, input_files=("arc2face_person.jpg",), model_files=(), custom_nodes=()):
+        """``custom_nodes``: other packs' folders, linked into the server's custom_nodes beside this pack."""
         self.comfyui = Path(comfyui)
         self.base = Path(base)
         self.port = free_port()
@@ -80,6 +82,7 @@ class ComfyServer:
         self.log_path = self.base / "server.log"
         self.input_files = input_files
         self.model_files = model_files
+        self.custom_nodes = [Path(folder).resolve() for folder in custom_nodes]
         self.process: subprocess.Popen | None = None
 
     def _prepare(self) -> None:
@@ -87,6 +90,9 @@ class ComfyServer:
         link = self.base / "custom_nodes" / PACK_FOLDER
         if not link.exists():
             link.symlink_to(PACK_ROOT, target_is_directory=True)
+        for folder in self.custom_nodes:
+            if not (self.base / "custom_nodes" / folder.name).exists():
+                (self.base / "custom_nodes" / folder.name).symlink_to(folder, target_is_directory=True)
         (self.base / "input").mkdir(exist_ok=True)
         from PIL import Image
 
@@ -161,17 +167,22 @@ class ComfyServer:
 class Frontend:
     """ComfyUI's page in headless Chromium, recording console errors and error toasts."""
 
-    def __init__(self, server: ComfyServer, executable: str):
+    def __init__(self, server: ComfyServer, executable: str, browser=None):
+        """``browser``: another Frontend's open browser to open this page in (Playwright's sync API runs one per
+        thread); it stays open when this page closes."""
         self.server = server
         self.executable = executable
+        self.browser = browser
+        self._playwright = None
         self.console_errors: list[str] = []
 
     def __enter__(self) -> Frontend:
         from playwright.sync_api import sync_playwright
 
-        self._playwright = sync_playwright().start()
-        self.browser = self._playwright.chromium.launch(executable_path=self.executable, headless=True,
-                                                        args=["--no-sandbox", "--disable-gpu"])
+        if self.browser is None:
+            self._playwright = sync_playwright().start()
+            self.browser = self._playwright.chromium.launch(executable_path=self.executable, headless=True,
+                                                            args=["--no-sandbox", "--disable-gpu"])
         self.page = self.browser.new_page(viewport=VIEWPORT)
         self.page.on("console", lambda message: message.type == "error" and self.console_errors.append(message.text))
         self.page.on("pageerror", lambda error: self.console_errors.append(f"page error: {error}"))
@@ -182,6 +193,9 @@ class Frontend:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._playwright is None:  # the browser is another Frontend's
+            self.page.close()
+            return
         self.browser.close()
         self._playwright.stop()
 

@@ -5,7 +5,10 @@ nodes' boxes overlap (sizes as the frontend computes them) and no title is cut; 
 gives exactly the workflow's API form; a screenshot is saved as a test artefact (in
 ``$EXPRESSION_ADAPTERS_TEST_ARTIFACTS/browser``, default ``test-artifacts/browser``; ``workflows/thumbnails.py``
 turns them into the template thumbnails and the README's pictures). The Templates browser lists each
-example once, with its thumbnail, and each opens.
+example once, with its thumbnail, and each opens. The server has the other packs an example uses
+(``pack_snapshots``: InstantID for emojidiff_sdxl_instantid) in its custom_nodes, as their users have; a second
+server without them shows what a user without such a pack sees: ComfyUI's own missing-node dialog, naming the
+pack's nodes.
 
 Console errors while the page starts (``user.css`` and empty user-data 404s, the release check that
 cannot reach the internet) come from the stock ComfyUI frontend on a fresh user folder, not from this
@@ -20,9 +23,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from comfy_browser import PACK_FOLDER, ComfyServer, Frontend, chromium_path
 from workflow_checks import problems
 
+from comfy_browser import PACK_FOLDER, ComfyServer, Frontend, chromium_path
+from pack_snapshots import extract, other_pack_nodes, packs_for
 from workflows import convert, run
 
 pytestmark = pytest.mark.comfyui
@@ -38,8 +42,7 @@ def _unavailable(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def frontend(tmp_path_factory):
+def comfyui_and_chromium():
     comfyui = run.find_comfyui()
     if comfyui is None:
         _unavailable("no ComfyUI found: set COMFYUI_PATH")
@@ -50,8 +53,36 @@ def frontend(tmp_path_factory):
         import playwright  # noqa: F401
     except ImportError:
         _unavailable("playwright is not installed (pip install playwright; its own browser download is not needed)")
+    return comfyui, executable
+
+
+def api_form(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+WITH_OTHER_PACKS = [name for name in UI_WORKFLOWS if packs_for(api_form(name))]
+
+
+@pytest.fixture(scope="module")
+def frontend(tmp_path_factory):
+    comfyui, executable = comfyui_and_chromium()
     base = tmp_path_factory.mktemp("comfyui_base")
-    with ComfyServer(comfyui, base, input_files=workflow_input_files(), model_files=workflow_model_files()) as server, Frontend(server, executable) as page:
+    packs_folder = tmp_path_factory.mktemp("other_packs")
+    packs = [extract(tarball, packs_folder) for tarball in sorted({tarball for name in WITH_OTHER_PACKS
+                                                                   for tarball in packs_for(api_form(name))})]
+    with ComfyServer(comfyui, base, input_files=workflow_input_files(), model_files=workflow_model_files(),
+                     custom_nodes=packs) as server, Frontend(server, executable) as page:
+        yield page
+
+
+@pytest.fixture(scope="module")
+def frontend_without_other_packs(frontend, tmp_path_factory):
+    """A second server with only this pack in custom_nodes (a user who has not installed the other packs), in a
+    page of ``frontend``'s browser."""
+    base = tmp_path_factory.mktemp("comfyui_base_without_other_packs")
+    with ComfyServer(frontend.server.comfyui, base, input_files=workflow_input_files(),
+                     model_files=workflow_model_files()) as server, \
+            Frontend(server, frontend.executable, browser=frontend.browser) as page:
         yield page
 
 
@@ -135,3 +166,19 @@ def test_templates_browser_lists_each_example_once_with_a_thumbnail_and_opens_it
         assert frontend.error_toasts() == [] and frontend.console_errors == []
         assert frontend.graph_to_prompt() == json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
         frontend.close_dialogs()
+
+
+@pytest.mark.parametrize("name", WITH_OTHER_PACKS)
+def test_without_the_other_pack_comfyuis_missing_node_dialog_names_its_nodes(frontend_without_other_packs, name):
+    """What a user without the pack sees on opening the example: ComfyUI's own "Some Nodes Are Missing" dialog,
+    listing each node type of the other pack the workflow uses, and none of this pack's or ComfyUI's."""
+    page = frontend_without_other_packs
+    page.load_workflow(json.loads((WORKFLOWS / f"{name}.json").read_text()), name)
+    dialogs = page.dialogs()
+    page.close_dialogs()
+    assert len(dialogs) == 1 and "Some Nodes Are Missing" in dialogs[0], dialogs
+    prompt = api_form(name)
+    missing = other_pack_nodes(prompt)
+    assert missing
+    listed = {node["class_type"] for node in prompt.values() if node["class_type"] in dialogs[0]}
+    assert listed == missing, dialogs[0]

@@ -8,10 +8,16 @@ the test process, and each workflow's peak memory is measured. SDXL's weights ar
 (ComfyUI's --bf16-unet --bf16-text-enc; the CPU still computes in fp32). Face detection and
 recognition are stand-ins (ONNX models that "find" the faces of t1.jpg), SMIRK and EmoNet are
 stand-ins of the published layouts, MediaPipe is Google's real model from the test cache.
+
+A workflow with another pack's nodes (emojidiff_sdxl_instantid: InstantID) runs with that pack's snapshot
+(``pack_snapshots``) extracted into a throw-away custom_nodes folder and loaded by ComfyUI's own loader
+(run.py's --custom-nodes), in a ComfyUI process of its own whose --base-directory holds insightface's antelopev2
+for InstantID's face analysis (it reads ComfyUI's own models folder, not folder_paths: see workflow_models).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -21,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_browser import sample_photo, write_video
 from PIL import Image
 
+from comfy_browser import sample_photo, write_video
 from headless import run_arguments
 from onnx_face_models import face_crop, insightface_images
-from workflow_models import LANDMARKER, write_workflow_models
+from pack_snapshots import INSTANTID, NODE_TYPES, extract, packs_for
+from workflow_models import LANDMARKER, write_instantid_face_models, write_workflow_models
 from workflows import convert
 
 pytestmark = pytest.mark.comfyui
@@ -73,8 +80,19 @@ def test_ui_layout_has_a_note_and_titled_stage_groups_that_hold_every_node_witho
     assert all(len(node["title"]) <= convert.MAX_TITLE for node in ui["nodes"])
 
 
+@pytest.fixture(scope="module")
+def other_packs(comfy, tmp_path_factory):
+    """The other packs the shipped workflows use, in the test's ComfyUI (loaded as ComfyUI loads custom nodes, unless
+    an earlier test module loaded them)."""
+    folder = tmp_path_factory.mktemp("custom_nodes")
+    for tarball in sorted({tarball for path in API_WORKFLOWS for tarball in packs_for(load(path))}):
+        if not NODE_TYPES[tarball] <= set(comfy.nodes.NODE_CLASS_MAPPINGS):
+            pack = extract(tarball, folder)
+            assert asyncio.run(comfy.nodes.load_custom_node(str(pack))), f"ComfyUI could not load {pack.name}"
+
+
 @pytest.mark.parametrize("api_path", API_WORKFLOWS, ids=lambda p: p.stem)
-def test_ui_form_is_generated_from_the_api_form(comfy, api_path):
+def test_ui_form_is_generated_from_the_api_form(comfy, other_packs, api_path):
     expected = convert.api_to_ui(json.loads(api_path.read_text()), comfy.nodes.NODE_CLASS_MAPPINGS)
     assert json.loads(convert.ui_path(api_path).read_text()) == expected, \
         f"regenerate with: python workflows/convert.py {api_path.relative_to(WORKFLOWS.parent)}"
@@ -83,8 +101,10 @@ def test_ui_form_is_generated_from_the_api_form(comfy, api_path):
 JOBS_SCRIPT = Path(__file__).resolve().parent / "workflow_jobs.py"
 # SDXL (2.6B parameters) and emojidiff_compare (two SD1.5 UNets): weights kept in bf16 for half the memory,
 # still computed in fp32 on the CPU (ComfyUI casts layer by layer)
-HALF_WEIGHTS, HALF_FLAGS = ("emojidiff_sdxl", "emojidiff_compare"), "--bf16-unet --bf16-text-enc"
-PEAK_GB = {"emojidiff_sdxl": 16.0}  # the most a run may hold; SDXL (12.4 GB measured) with ViT-H and a 700M-parameter E-Adapter needs more
+HALF_WEIGHTS, HALF_FLAGS = ("emojidiff_sdxl", "emojidiff_compare", "emojidiff_sdxl_instantid"), "--bf16-unet --bf16-text-enc"
+# the most a run may hold; SDXL (12.4 GB measured) with ViT-H and a 700M-parameter E-Adapter needs more, and with
+# InstantID's 425M-parameter model too (13.4 to 14.4 GB measured)
+PEAK_GB = {"emojidiff_sdxl": 16.0, "emojidiff_sdxl_instantid": 16.0}
 DEFAULT_PEAK_GB = 8.0  # issue 9's aim
 VIDEO_FRAMES = 4
 PACK_PREFIX = "ExpressionAdapters"
@@ -110,6 +130,24 @@ def switched_off(prompt: dict) -> str:
     """A --variant with every strength of this pack's nodes at 0 ("" when the workflow has none)."""
     return " ".join(f"{node_id}.{name}=0" for node_id, node in prompt.items() if node["class_type"].startswith(PACK_PREFIX)
                     for name, value in node["inputs"].items() if name.endswith("strength") and not isinstance(value, list))
+
+
+# Further reruns of workflows that stack another pack with ours, each with one input at 0: {name: (node type, input)}
+INSTANTID_WORKFLOW = WORKFLOWS / "api" / "emojidiff_sdxl_instantid.json"
+STACK_VARIANTS = {
+    INSTANTID_WORKFLOW.stem: {"expression off": (f"{PACK_PREFIX}ApplyEAdapter", "expression_strength"),
+                              "InstantID off": ("InstantIDAttentionPatch", "weight")},
+}
+
+
+def variants(api_path: Path) -> dict[str, str]:
+    """The workflow's --variant runs by name: "strengths off" (this pack's strengths at 0) and its STACK_VARIANTS."""
+    prompt = load(api_path)
+    found = {"strengths off": switched_off(prompt)}
+    for name, (class_type, input_name) in STACK_VARIANTS.get(api_path.stem, {}).items():
+        found[name] = " ".join(f"{node_id}.{input_name}=0" for node_id, node in prompt.items() if node["class_type"] == class_type)
+        assert found[name], f"{api_path.stem} has no {class_type}"
+    return {name: variant for name, variant in found.items() if variant}
 
 
 def load(api_path: Path) -> dict:
@@ -141,23 +179,24 @@ def photo_for(prompt: dict, node_id: str, photos: dict) -> Path:
 
 
 def job(api_path: Path, folder: Path, models: list[Path], photos: dict) -> list[str]:
-    """workflows/run.py's arguments for one workflow: its photos, the small settings, and the strengths-off variant."""
+    """workflows/run.py's arguments for one workflow: its photos, the small settings, and its variants."""
     prompt = load(api_path)
     (folder / "input").mkdir(parents=True)
     if any(node["class_type"] == "LoadVideo" for node in prompt.values()):
         shutil.copyfile(photos["video"], folder / "input" / photos["video"].name)
     images = [argument for node_id, node in prompt.items() if node["class_type"] == "LoadImage"
               for argument in ("--image", f"{node_id}={photo_for(prompt, node_id, photos)}")]
-    variant = switched_off(prompt)
     return [str(api_path), *small(prompt), *images, "--seed", "7",
-            *run_arguments(folder, models, [variant] if variant else [])]
+            *run_arguments(folder, models, list(variants(api_path).values()))]
 
 
-def run_jobs(comfy, folder: Path, jobs: dict, flags: str) -> dict:
-    """The jobs in one ComfyUI process of their own; a job it never reported gets that process's error."""
+def run_jobs(comfy, folder: Path, jobs: dict, flags: str, custom_nodes=()) -> dict:
+    """The jobs in one ComfyUI process of their own (with the other packs in ``custom_nodes`` loaded); a job it
+    never reported gets that process's error."""
     jobs_file, results_file = folder / "jobs.json", folder / "results.json"
     folder.mkdir(parents=True, exist_ok=True)
-    jobs_file.write_text(json.dumps({"comfyui": str(comfy.path), "comfyui_flags": flags, "jobs": jobs}, indent=1))
+    jobs_file.write_text(json.dumps({"comfyui": str(comfy.path), "comfyui_flags": flags,
+                                     "custom_nodes": [str(path) for path in custom_nodes], "jobs": jobs}, indent=1))
     finished = subprocess.run([sys.executable, str(JOBS_SCRIPT), str(jobs_file), str(results_file)],
                               capture_output=True, text=True, timeout=1800)
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
@@ -172,15 +211,20 @@ def headless(comfy, tmp_path_factory, t1):
         message = f"MediaPipe's face_landmarker.task is not in the test cache ({LANDMARKER})"
         pytest.fail(message) if os.environ.get("CI") == "true" else pytest.skip(message)
     root = tmp_path_factory.mktemp("workflow_runs")
-    models = write_workflow_models(root / "models", t1, comfy.path)
+    custom_nodes, comfyui_base = root / "custom_nodes", root / "comfyui_base"
+    models = write_workflow_models(root / "models", t1, comfy.path, instantid_pack=extract(INSTANTID, custom_nodes))
+    write_instantid_face_models(comfyui_base, t1)
     photos = write_photos(root / "photos", t1)
-    groups: dict[str, dict] = {"": {}, HALF_FLAGS: {}}
+    groups: dict[tuple, dict] = {}  # (ComfyUI's flags, other packs) -> jobs
     for api_path in API_WORKFLOWS:
         flags = HALF_FLAGS if api_path.stem in HALF_WEIGHTS else ""
-        groups[flags][api_path.stem] = job(api_path, root / api_path.stem, models, photos)
+        packs = tuple(extract(tarball, custom_nodes) for tarball in packs_for(load(api_path)))
+        if packs:  # InstantID's face analysis reads ComfyUI's own models folder, here comfyui_base/models
+            flags += f" --base-directory {comfyui_base}"
+        groups.setdefault((flags, packs), {})[api_path.stem] = job(api_path, root / api_path.stem, models, photos)
     results = {}
-    for number, (flags, jobs) in enumerate(groups.items()):
-        results |= run_jobs(comfy, root / f"group{number}", jobs, flags)
+    for number, ((flags, packs), jobs) in enumerate(groups.items()):
+        results |= run_jobs(comfy, root / f"group{number}", jobs, flags, packs)
     return root, results
 
 
@@ -212,12 +256,38 @@ def test_every_api_workflow_runs_headless(headless, api_path):
 @pytest.mark.parametrize("api_path", WITH_STRENGTHS, ids=lambda p: p.stem)
 def test_each_workflows_adapters_change_its_picture(headless, api_path):
     """The same run (seed 7) with every strength of this pack's nodes at 0 gives other pictures."""
+    runs = runs_by_name(headless, api_path)
+    with_adapters, without = runs["workflow"], runs["strengths off"]
+    assert len(with_adapters) == len(without)
+    assert largest_difference(with_adapters, without) > 0
+
+
+def runs_by_name(headless, api_path: Path) -> dict[str, list]:
+    """Each run's saved pictures: "workflow" (its own run) and one entry per variant (``variants``)."""
     _, results = headless
     result = results[api_path.stem]
     assert result["error"] is None, result["error"]
-    with_adapters, without = result["runs"]
-    assert len(with_adapters) == len(without)
-    assert max(np.abs(a - b).max() for a, b in zip(images(with_adapters), images(without))) > 0
+    names = ["workflow", *variants(api_path)]
+    assert len(result["runs"]) == len(names)
+    return dict(zip(names, result["runs"]))
+
+
+def largest_difference(first: list, second: list) -> int:
+    return max(np.abs(a - b).max() for a, b in zip(images(first), images(second), strict=True))
+
+
+@pytest.mark.full_size
+def test_instantid_and_the_e_adapter_expression_both_act_in_emojidiff_sdxl_instantid(headless):
+    """InstantID Patch Attention (identity), then Apply E-Adapter (expression) on one SDXL model. InstantID's weight at
+    0 changes the picture, and so does the E-Adapter's expression strength at 0: each acts with the other on the
+    model (ours calls the InstantID patch it finds at each layer). The E-Adapter acts only through its expression:
+    its expression strength alone at 0 gives exactly the picture of all its strengths at 0 (no ID embedding is
+    connected, the FaceID LoRA is at 0)."""
+    runs = runs_by_name(headless, INSTANTID_WORKFLOW)
+    assert largest_difference(runs["workflow"], runs["InstantID off"]) > 0
+    assert largest_difference(runs["workflow"], runs["expression off"]) > 0
+    assert largest_difference(runs["InstantID off"], runs["expression off"]) > 0
+    assert largest_difference(runs["expression off"], runs["strengths off"]) == 0
 
 
 @pytest.mark.full_size

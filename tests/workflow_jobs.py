@@ -2,7 +2,8 @@
 
     python tests/workflow_jobs.py JOBS.json RESULTS.json
 
-JOBS.json: ``{"comfyui": PATH, "comfyui_flags": "...", "jobs": {NAME: [workflows/run.py arguments ...]}}``.
+JOBS.json: ``{"comfyui": PATH, "comfyui_flags": "...", "custom_nodes": [other packs' folders, loaded by ComfyUI's
+loader as run.py's --custom-nodes does], "jobs": {NAME: [workflows/run.py arguments ...]}}``.
 RESULTS.json, rewritten after each job: ``{NAME: {"runs": [[saved png, ...] per run], "error": traceback or
 null, "seconds": s, "peak_gb": the job's peak resident memory, "peak_anon_gb": the peak of the part that is not
 mapped files (model files read through mmap count in the first, and the kernel can drop them)}}``.
@@ -69,7 +70,8 @@ def release_memory() -> None:
 
 def main(jobs_file: str, results_file: str) -> int:
     spec = json.loads(Path(jobs_file).read_text())
-    run.start_with_pack(Path(spec["comfyui"]), cpu=True, flags=spec.get("comfyui_flags", ""))
+    run.start_with_pack(Path(spec["comfyui"]), cpu=True, flags=spec.get("comfyui_flags", ""),
+                        custom_nodes=spec.get("custom_nodes", []))
     results = {}
     anonymous = AnonymousPeak()
     anonymous.start()

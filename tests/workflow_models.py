@@ -11,11 +11,14 @@ are full size with random weights, written in the published formats and cached u
   names and shapes, CLIP-L as above, OpenCLIP bigG in its published key layout, the VAE above), fp16.
 Small stand-ins are written per session: the insightface antelopev2 and buffalo_l folders (ONNX models
 that "find" t1.jpg's faces), SMIRK, EmoNet, IP-Adapter FaceID/image files and FaceCrafter modules at full
-width. MediaPipe is Google's real model from the test cache.
+width, and InstantID's ``ip-adapter.bin`` (its own Resampler, built from the pack's code). InstantID's face
+analysis gets an antelopev2 folder of its own (``write_instantid_face_models``). MediaPipe is Google's real model
+from the test cache.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -181,14 +184,49 @@ def write_emonet_standin(path: Path) -> None:
     torch.save({f"module.{key}": value for key, value in emonet.state_dict().items()}, path)
 
 
+def write_instantid_model(path: Path, pack: Path) -> None:
+    """InstantID's ``ip-adapter.bin`` as published (``torch.save``, fp32): ``{"image_proj": the state dict of the pack's
+    own Resampler, "ip_adapter": {N.to_k_ip.weight, N.to_v_ip.weight}}`` on SDXL's 70 cross-attention layers (N = 1,
+    3, 5, ...) at their real widths, from 2048-wide tokens. Random: the Resampler keeps torch's initialisation."""
+    spec = importlib.util.spec_from_file_location("instantid_resampler", pack / "resampler.py")
+    resampler_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(resampler_module)  # plain torch; imports nothing of ComfyUI or of the pack
+    torch.manual_seed(11)
+    resampler = resampler_module.Resampler(dim=1280, depth=4, dim_head=64, heads=20, num_queries=16, embedding_dim=512,
+                                           output_dim=2048, ff_mult=4)
+    layers = image_state("SDXL", seed=12, token_dim=2048, width=layer_width(SDXL_WIDTHS), std=0.05)["ip_adapter"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"image_proj": resampler.state_dict(), "ip_adapter": layers}, path)
+
+
+def write_instantid_face_models(comfyui_base: Path, t1) -> Path:
+    """insightface's antelopev2 folder as InstantID Face Analysis reads it, in ComfyUI's own models folder of a
+    ``--base-directory comfyui_base``: the detector and ``glintr100.onnx`` (512-d embeddings, what InstantID's
+    Resampler takes), stand-ins that find t1.jpg's faces.
+
+    InstantID reads ``<ComfyUI models folder>/insightface`` itself, never folder_paths (so no --models folder), and
+    insightface takes the first recogniser by file name there: the antelopev2 folder of ``write_workflow_models``
+    holds our 16-d ``arcface.onnx`` stand-in for the Arc2Face workflows, which it would take instead of glintr100.
+    """
+    from encoders.identity import DETECTOR_FILE
+
+    rgb, boxes, kps = t1
+    folder = comfyui_base / "models" / "insightface" / "models" / "antelopev2"
+    folder.mkdir(parents=True)
+    export_recognizer(folder / "glintr100.onnx", seed=3)
+    export_detector(folder / DETECTOR_FILE, boxes, kps, [0.95, 0.9, 0.8], rgb.shape[:2])
+    return folder
+
+
 def write_cached_checkpoints() -> tuple[Path, Path]:
     sd15 = cached("emojidiff-random-v1", {SD15_CHECKPOINT: write_sd15_checkpoint, CLIP_VISION: write_clip_vision})
     sdxl = cached("sdxl-random-v1", {SDXL_CHECKPOINT: write_sdxl_checkpoint})
     return sd15, sdxl
 
 
-def write_workflow_models(root: Path, t1, comfyui: Path) -> list[Path]:
-    """The models folders (ComfyUI layout) that together hold every file the shipped workflows load.
+def write_workflow_models(root: Path, t1, comfyui: Path, instantid_pack: Path) -> list[Path]:
+    """The models folders (ComfyUI layout) that together hold every file the shipped workflows load;
+    ``instantid_pack``: the extracted ComfyUI_InstantID pack, whose Resampler InstantID's file holds.
 
     The cached checkpoints are written (once) in a process of their own: building them holds about 8 GB.
     """
@@ -214,6 +252,7 @@ def write_workflow_models(root: Path, t1, comfyui: Path) -> list[Path]:
     write_smirk_checkpoint(root / "smirk" / "SMIRK_em1.pt")
     write_emonet_standin(root / "emotion" / "emonet_8.pth")
     write_full_size_facecrafter(root / "expression_adapters" / "facecrafter.safetensors")
+    write_instantid_model(root / "instantid" / "ip-adapter.bin", instantid_pack)  # before the IP-Adapter files: one at a time
     (root / "ipadapter").mkdir()
     sd15_width, sdxl_width = layer_width(SD15_WIDTHS), layer_width(SDXL_WIDTHS)
     files = {"ip-adapter-faceid_sd15.bin": faceid_state("SD1.5", token_dim=768, lora_rank=8, width=sd15_width, std=0.05),

@@ -3,6 +3,8 @@
     python workflows/convert.py --all            # every workflow: move old workflows/NAME_api.json to
                                                  # workflows/api/NAME.json, then write workflows/NAME.json
     python workflows/convert.py workflows/api/arc2face_expression.json   # one workflow
+    python workflows/convert.py --all --custom-nodes ~/ComfyUI/custom_nodes/ComfyUI_InstantID   # with other packs'
+                                                 # nodes (emojidiff_sdxl_instantid uses InstantID's)
 
 The API form (``workflows/api/NAME.json``) is the source; the UI form (``workflows/NAME.json``) is generated.
 ComfyUI publishes the ``*.json`` directly inside a pack's ``workflows`` folder as templates (its
@@ -54,6 +56,7 @@ STAGE_OF_CATEGORY = (  # first match of a substring of the node's category
     ("/identity", "identity"), ("/expression", "expression"), ("/edit", "expression"), ("/animate", "expression"),
     ("/presets", "expression"), ("/previews", "expression"), ("/apply", "model"),
     ("sampling", "sampling"), ("latent", "sampling"),
+    ("InstantID", "identity"),  # cubiq's ComfyUI_InstantID: each of its nodes is about the identity
 )
 # Nodes that sit with their neighbours: loaders of the pack (identity, expression or model), image inputs
 # and previews. They take the stage of the node they feed, else of the node feeding them.
@@ -82,10 +85,21 @@ FILE_INPUTS = {
     ("ExpressionAdaptersLoadEAdapter", "lora_name"): "models/loras",
     ("ExpressionAdaptersLoadFaceCrafter", "facecrafter_name"): "models/expression_adapters",
     ("LoadVideo", "file"): "input",
+    ("InstantIDModelLoader", "instantid_file"): "models/instantid",
 }
 NO_FILE = "none"  # a loader's optional file left unset
 FOLDER_NOTES = {  # files a loader finds by itself, without a file input
     "ExpressionAdaptersLoadInsightFace": "models/insightface/models/antelopev2/: scrfd_10g_bnkps.onnx and arcface.onnx",
+    "InstantIDFaceAnalysis": "models/insightface/models/antelopev2/: insightface's antelopev2 pack, unzipped",
+}
+# Nodes of other packs: what the Note says about them (once per workflow, above the files)
+PACK_NOTES = {
+    "InstantIDAttentionPatch": (
+        "Needs the ComfyUI_InstantID pack (github.com/cubiq/ComfyUI_InstantID) in custom_nodes.",
+        "InstantID Patch Attention gives the identity without InstantID's ControlNet. For its pose control add",
+        "Load ControlNet Model (InstantID's ControlNet), Face Keypoints Preprocessor and InstantID Apply",
+        "ControlNet (face_embeds from Patch Attention) on the prompts before the KSampler.",
+    ),
 }
 
 
@@ -173,7 +187,9 @@ def node_size(class_type: str, title: str, slot_rows: int, widgets: list[tuple[s
 
 
 def note_text(prompt: dict) -> str:
-    lines = ["What to put where before you press Run (paths inside your ComfyUI folder):"]
+    types = {node["class_type"] for node in prompt.values()}
+    lines = [line for class_type, note in PACK_NOTES.items() if class_type in types for line in note]
+    lines.append("What to put where before you press Run (paths inside your ComfyUI folder):")
     seen = set()
     for node_id in sorted(prompt, key=int):
         node = prompt[node_id]
@@ -327,6 +343,9 @@ def main(argv=None) -> int:
     parser.add_argument("api_workflows", nargs="*", type=Path)
     parser.add_argument("--all", action="store_true", help="every workflows/api/*.json (after moving old *_api.json)")
     parser.add_argument("--comfyui")
+    parser.add_argument("--custom-nodes", type=Path, action="append", default=[], metavar="DIR",
+                        help="also load the pack in DIR (e.g. ComfyUI/custom_nodes/ComfyUI_InstantID): for workflows that "
+                             "use other packs' nodes; repeatable")
     args = parser.parse_args(argv)
     if args.all:
         for path in move_old_api_forms():
@@ -342,8 +361,13 @@ def main(argv=None) -> int:
         parser.error("no ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH")
     comfy_nodes = run.start_comfyui(comfyui, force_cpu=True)
     run.load_pack(comfy_nodes, Path(tempfile.mkdtemp(prefix="expression_adapters_")))
+    run.load_custom_nodes(comfy_nodes, args.custom_nodes)
     for api_path in args.api_workflows:
-        ui = api_to_ui(json.loads(api_path.read_text()), comfy_nodes.NODE_CLASS_MAPPINGS)
+        prompt = json.loads(api_path.read_text())
+        unknown = sorted({node["class_type"] for node in prompt.values()} - set(comfy_nodes.NODE_CLASS_MAPPINGS))
+        if unknown:
+            parser.error(f"{api_path}: ComfyUI has no {', '.join(unknown)}: load the pack with them (--custom-nodes DIR)")
+        ui = api_to_ui(prompt, comfy_nodes.NODE_CLASS_MAPPINGS)
         ui_path(api_path).write_text(json.dumps(ui, indent=1) + "\n")
         print(ui_path(api_path))
     return 0

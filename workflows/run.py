@@ -14,6 +14,8 @@ The workflow must be in ComfyUI's API format (the shipped ones are ``workflows/a
                            (ComfyUI's cache, as in the app); repeatable: a strength sweep costs one model load
   --comfyui-flags="..."    ComfyUI's own command-line flags, e.g. --comfyui-flags="--bf16-unet --bf16-text-enc"
                            (half the memory: weights kept in bf16, computed layer by layer in fp32 on the CPU)
+  --custom-nodes DIR       also load the custom-node pack in DIR (a folder as it sits in ComfyUI/custom_nodes, e.g.
+                           ComfyUI_InstantID) with ComfyUI's own loader, for workflows with other packs' nodes; repeatable
 Images the workflow saves go to ComfyUI's output folder (or --output-dir); their paths are printed, one per line,
 each --variant's after a line "# run N: its overrides".
 """
@@ -97,6 +99,16 @@ def load_pack(comfy_nodes, custom_nodes_dir: Path) -> object:
         raise RuntimeError(f"ComfyUI could not load the pack from {link}; see the log above")
     _loaded_pack = sys.modules[str(link).replace(".", "_x_")]  # the module name ComfyUI's loader gives a folder
     return _loaded_pack
+
+
+def load_custom_nodes(comfy_nodes, folders) -> None:
+    """Other packs (folders as they sit in ComfyUI/custom_nodes), loaded as ComfyUI loads them at start-up."""
+    for folder in folders:
+        folder = Path(folder).resolve()
+        if not folder.is_dir():
+            raise SystemExit(f"--custom-nodes {folder}: no such folder")
+        if not asyncio.run(comfy_nodes.load_custom_node(str(folder))):
+            raise RuntimeError(f"ComfyUI could not load the custom nodes in {folder}; see the log above")
 
 
 def add_model_dirs(models_dir: Path) -> None:
@@ -220,15 +232,20 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     parser.add_argument("--comfyui-flags", default="", metavar='"--flag ..."',
                         help='ComfyUI\'s own command-line flags, e.g. --comfyui-flags="--bf16-unet --bf16-text-enc"')
+    parser.add_argument("--custom-nodes", type=Path, action="append", default=[], metavar="DIR",
+                        help="also load the custom-node pack in DIR (e.g. ComfyUI/custom_nodes/ComfyUI_InstantID) with "
+                             "ComfyUI's own loader; repeatable")
     return parser
 
 
-def start_with_pack(comfyui: Path, cpu: bool = False, flags: str = "") -> None:
-    """ComfyUI started in this process with this pack loaded (once per process)."""
+def start_with_pack(comfyui: Path, cpu: bool = False, flags: str = "", custom_nodes=()) -> None:
+    """ComfyUI started in this process with this pack, and the packs in the ``custom_nodes`` folders, loaded
+    (once per process)."""
     comfy_nodes = start_comfyui(comfyui, force_cpu=True if cpu else None, flags=shlex.split(flags))
-    custom_nodes = Path(tempfile.mkdtemp(prefix="expression_adapters_"))
-    atexit.register(shutil.rmtree, custom_nodes, True)  # removes the link only, never the pack it points to
-    load_pack(comfy_nodes, custom_nodes)
+    link_folder = Path(tempfile.mkdtemp(prefix="expression_adapters_"))
+    atexit.register(shutil.rmtree, link_folder, True)  # removes the link only, never the pack it points to
+    load_pack(comfy_nodes, link_folder)
+    load_custom_nodes(comfy_nodes, custom_nodes)
 
 
 def run_workflow(args: argparse.Namespace, report=lambda line: print(line, flush=True)) -> list[list[Path]]:
@@ -262,7 +279,7 @@ def main(argv=None) -> int:
     comfyui = find_comfyui(args.comfyui)
     if comfyui is None:
         parser.error("no ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH")
-    start_with_pack(comfyui, args.cpu, args.comfyui_flags)
+    start_with_pack(comfyui, args.cpu, args.comfyui_flags, args.custom_nodes)
     run_workflow(args)
     return 0
 
