@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_browser import ComfyServer
 
+from comfy_browser import ComfyServer
 from workflows import run as runner
 
 pytestmark = pytest.mark.comfyui

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import sys
-import tarfile
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,12 +35,12 @@ from adapters.layers import SD15, SDXL, cross_attention_layers
 from e_adapter_standins import faceid_state, image_state
 from encoders.identity import DETECTOR_FILE
 from onnx_face_models import export_detector, export_recognizer
+from pack_snapshots import PACKS, extract
 from tiny_facecrafter import landmark_images, random_facecrafter
 from tiny_unets import random_expression_adapter, random_reference_lora_state, tiny_width
 from two_hosts import Hosts as TwoHosts
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
-PACKS = Path(__file__).resolve().parents[2] / "shared" / "packs"
 COND, UNCOND = 0, 1
 ROW_ORDERS = ([UNCOND, COND], [COND, UNCOND])
 SDXL_TOKENS = 2048  # IPAdapter_plus tells SDXL from the adapter's token width; InstantID and PuLID use it too
@@ -67,13 +66,11 @@ def standin_std(family: str) -> float:
 def packs(comfy, tmp_path_factory):
     """The three packs' modules, loaded by ComfyUI's custom-node loader from a throw-away custom_nodes folder."""
     custom_nodes = tmp_path_factory.mktemp("custom_nodes")
-    tarballs = sorted(PACKS.glob("*.tar.gz"))
+    tarballs = sorted(path.name for path in PACKS.glob("*.tar.gz"))
     assert len(tarballs) == 3, f"expected the three pack snapshots in {PACKS}"
-    for tarball in tarballs:
-        with tarfile.open(tarball) as archive:
-            archive.extractall(custom_nodes, filter="data")
     modules = {}
-    for folder in sorted(custom_nodes.iterdir()):
+    for tarball in tarballs:
+        folder = extract(tarball, custom_nodes)
         assert asyncio.run(comfy.nodes.load_custom_node(str(folder))), f"ComfyUI could not load {folder.name}"
         modules[folder.name] = str(folder)
     return SimpleNamespace(
