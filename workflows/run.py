@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import inspect
 import json
 import os
 import shlex
@@ -197,10 +198,19 @@ def execute(prompt: dict, executor=None) -> dict:
     return executor.history_result["outputs"]
 
 
-def new_executor():
-    import execution
+def new_executor(execution_module=None):
+    """ComfyUI's ``PromptExecutor`` with its classic cache, for either constructor, told apart by its parameters
+    (no version numbers): 0.3.x takes ``cache_size``; newer versions take ``cache_args``, a dict they read without
+    a None check (``cache_args["ram"]``), and an optional ``asset_manager``."""
+    if execution_module is None:
+        import execution as execution_module
 
-    return execution.PromptExecutor(_HeadlessServer())
+    executor_class = execution_module.PromptExecutor
+    options = {}
+    if "cache_args" in inspect.signature(executor_class).parameters:
+        options = {"cache_type": execution_module.CacheType.CLASSIC,
+                   "cache_args": {"lru": 0, "ram": 0, "ram_inactive": 0}}
+    return executor_class(_HeadlessServer(), **options)
 
 
 def saved_images(outputs: dict) -> list[Path]:
