@@ -76,8 +76,8 @@ class LoadEAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, e_adapter_name, faceid_name, image_name, lora_name=NONE):
-        check_choices(cls, source=source, e_adapter_name=e_adapter_name, faceid_name=faceid_name, image_name=image_name,
-                      lora_name=lora_name)
+        check_choices(cls, {"e_adapter_name": "expression_adapters"}, source=source, e_adapter_name=e_adapter_name,
+                      faceid_name=faceid_name, image_name=image_name, lora_name=lora_name)
         if source == "e_adapter_file":
             adapter = EAdapter.from_file(_full_path("expression_adapters", e_adapter_name, "E-Adapter file"))
         else:

@@ -37,7 +37,7 @@ class LoadExpressionAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name):
-        check_choices(cls, adapter_name=adapter_name)
+        check_choices(cls, {"adapter_name": "expression_adapters"}, adapter_name=adapter_name)
         path = model_file("expression_adapters", adapter_name, EXPRESSION_ADAPTER_SOURCE)
         return io.NodeOutput(ExpressionAdapter.from_file(path).eval())
 

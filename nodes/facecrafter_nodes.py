@@ -53,7 +53,7 @@ class LoadFaceCrafter(io.ComfyNode):
 
     @classmethod
     def execute(cls, facecrafter_name):
-        check_choices(cls, facecrafter_name=facecrafter_name)
+        check_choices(cls, {"facecrafter_name": "expression_adapters"}, facecrafter_name=facecrafter_name)
         path = model_file("expression_adapters", facecrafter_name, FACECRAFTER_SOURCE)
         return io.NodeOutput(FaceCrafter.from_file(path))
 

@@ -64,3 +64,20 @@ def model_file(folder: str, name: str, source: str) -> str:
         raise FileNotFoundError(f"model file '{name}' not found in the '{folder}' model folder ({searched}). "
                                 f"Download it from {source} and save it as {where}.")
     return path
+
+
+def unreadable_file_error(folder: str, name: str) -> None:
+    """Raise the :class:`~adapters.checkpoints.WeightFileError` of ``name`` when it is a weights file in ``folder``
+    that cannot be read (the loaders leave such files out of their lists); return otherwise."""
+    from ..adapters.checkpoints import SAFETENSORS_SUFFIXES, safetensors_keys
+
+    try:
+        path = folder_paths.get_full_path(folder, check_name_inside(name, folder))
+    except ValueError:
+        return
+    if path is None or not path.lower().endswith(SAFETENSORS_SUFFIXES):
+        return
+    try:
+        safetensors_keys(path)
+    except OSError:
+        return

@@ -50,7 +50,7 @@ class LoadReferenceAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name):
-        check_choices(cls, lora_name=lora_name)
+        check_choices(cls, {"lora_name": "expression_adapters"}, lora_name=lora_name)
         return io.NodeOutput(ReferenceLora.from_file(model_file("expression_adapters", lora_name, REFERENCE_LORA_SOURCE)))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..encoders.checks import finite_number
+from .model_folders import unreadable_file_error
 
 
 def check_numbers(node: type[io.ComfyNode], **values) -> None:
@@ -25,12 +26,15 @@ def check_numbers(node: type[io.ComfyNode], **values) -> None:
             finite_number(f"{schema.display_name}: {spec.id}", values[spec.id], spec.min, spec.max)
 
 
-def check_choices(node: type[io.ComfyNode], **values) -> None:
+def check_choices(node: type[io.ComfyNode], folders: dict[str, str] | None = None, **values) -> None:
     """Raise ValueError (naming the node and input) unless each combo input in ``values`` is one of the options
-    its schema lists now. The refused value is shown shortened, never as a place to put a file."""
+    its schema lists now. The refused value is shown shortened, never as a place to put a file. ``folders``
+    ({input: model folder}): a file there that the list leaves out because it cannot be read is named with why."""
     schema = node.define_schema()
     for spec in schema.inputs:
         if spec.id in values and isinstance(spec, io.Combo.Input) and values[spec.id] not in spec.options:
+            if spec.id in (folders or {}):
+                unreadable_file_error(folders[spec.id], values[spec.id])
             shown = repr(str(values[spec.id])[:60])
             listed = ", ".join(map(str, spec.options[:6])) + (", ..." if len(spec.options) > 6 else "")
             raise ValueError(f"{schema.display_name}: {spec.id} {shown} is not one of its choices ({listed}); pick one "

@@ -127,6 +127,13 @@ def test_loaders_stay_listed_beside_unreadable_files(server):
     assert "null_header.safetensors" in server.log_text() and "left out of the loaders' lists" in server.log_text()
 
 
+@pytest.mark.parametrize(("name", "cause"), [("page.safetensors", "it is a web page (HTML), not weights"),
+                                             ("null_header.safetensors", "not a safetensors file (its header is not a JSON object)")])
+def test_choosing_an_unlisted_unreadable_file_names_the_cause(server, name, cause):
+    message = error_of(server, loader("ExpressionAdaptersLoadExpressionAdapter", adapter_name=name))
+    assert f"cannot read {name} as weights: {cause}" in message
+
+
 def test_a_pickle_payload_is_refused_and_never_runs(server):
     message = error_of(server, loader("ExpressionAdaptersLoadExpressionAdapter", adapter_name="exp_adapter.bin"))
     assert "asks to run code when loaded, which is refused" in message and "exp_adapter.bin" in message
