@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.checkpoints import AdapterFileError, read_state_dict
+from adapters.checkpoints import AdapterFileError, WeightFileError, read_state_dict
 from adapters.expression_adapter import ExpressionAdapter
 from adapters.layers import SD15, SDXL, cross_attention_layers
 from tiny_unets import random_expression_adapter, tiny_width
@@ -137,7 +137,8 @@ def test_files_without_adapter_sections_or_with_code_are_refused(tmp_path):
 
     pickled = tmp_path / "exp_adapter.bin"
     torch.save({"image_proj": argparse.Namespace(code="not data")}, pickled)
-    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+    with pytest.raises(WeightFileError, match=r"cannot read exp_adapter.bin as weights: it asks to run code when "
+                                              r"loaded, which is refused.*argparse.Namespace"):
         ExpressionAdapter.from_file(pickled)
     with pytest.raises(ValueError, match="unsupported weight file type"):
         (tmp_path / "adapter.onnx").write_bytes(b"0")
