@@ -11,7 +11,8 @@ are full size with random weights, written in the published formats and cached u
   names and shapes, CLIP-L as above, OpenCLIP bigG in its published key layout, the VAE above), fp16.
 Small stand-ins are written per session: the insightface antelopev2 and buffalo_l folders (ONNX models
 that "find" t1.jpg's faces), SMIRK, EmoNet, IP-Adapter FaceID/image files and FaceCrafter modules at full
-width, and InstantID's ``ip-adapter.bin`` (its own Resampler, built from the pack's code). InstantID's face
+width. InstantID's ``ip-adapter.bin`` (its own Resampler, built from the pack's code) is cached like the
+checkpoints, written once in a process of its own. InstantID's face
 analysis gets an antelopev2 folder of its own (``write_instantid_face_models``). MediaPipe is Google's real model
 from the test cache.
 """
@@ -224,6 +225,18 @@ def write_cached_checkpoints() -> tuple[Path, Path]:
     return sd15, sdxl
 
 
+def cached_in_own_process(folder: str, name: str, writer: str, *arguments: Path) -> Path:
+    """``CACHE/folder/name``, written once by ``writer(path, *arguments)`` in a process of its own, so the test
+    process never holds what building it takes (InstantID's 1.7 GB file)."""
+    if not (CACHE / folder / ".complete").exists():
+        here = Path(__file__).resolve().parent
+        call = (f"import pathlib, workflow_models as m; m.cached({folder!r}, {{{name!r}: lambda path: m.{writer}(path, "
+                + "".join(f"pathlib.Path({str(argument)!r}), " for argument in arguments) + ")})")
+        subprocess.run([sys.executable, "-c", call], check=True, timeout=1800,
+                       env=os.environ | {"PYTHONPATH": os.pathsep.join(map(str, (here, here.parent)))})
+    return CACHE / folder / name
+
+
 def write_workflow_models(root: Path, t1, comfyui: Path, instantid_pack: Path) -> list[Path]:
     """The models folders (ComfyUI layout) that together hold every file the shipped workflows load;
     ``instantid_pack``: the extracted ComfyUI_InstantID pack, whose Resampler InstantID's file holds.
@@ -252,7 +265,9 @@ def write_workflow_models(root: Path, t1, comfyui: Path, instantid_pack: Path) -
     write_smirk_checkpoint(root / "smirk" / "SMIRK_em1.pt")
     write_emonet_standin(root / "emotion" / "emonet_8.pth")
     write_full_size_facecrafter(root / "expression_adapters" / "facecrafter.safetensors")
-    write_instantid_model(root / "instantid" / "ip-adapter.bin", instantid_pack)  # before the IP-Adapter files: one at a time
+    instantid = cached_in_own_process("instantid-random-v1", "ip-adapter.bin", "write_instantid_model", instantid_pack)
+    (root / "instantid").mkdir()
+    (root / "instantid" / "ip-adapter.bin").symlink_to(instantid)
     (root / "ipadapter").mkdir()
     sd15_width, sdxl_width = layer_width(SD15_WIDTHS), layer_width(SDXL_WIDTHS)
     files = {"ip-adapter-faceid_sd15.bin": faceid_state("SD1.5", token_dim=768, lora_rank=8, width=sd15_width, std=0.05),
