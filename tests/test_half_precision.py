@@ -8,6 +8,7 @@ to a small part of that change (the half-precision rounding of the plain UNet se
 
 from __future__ import annotations
 
+import gc
 from functools import cache
 
 import pytest
@@ -23,6 +24,15 @@ from two_hosts import Hosts as TwoHosts
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 DTYPES = [torch.float16, torch.bfloat16]
 ROW_ORDERS = ([1, 0], [0, 1])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models():
+    """The UNets and adapters built here are cached for this module only (later modules need the memory)."""
+    yield
+    for cached_builder in (Hosts, half_model, e_adapter):
+        cached_builder.cache_clear()
+    gc.collect()
 
 
 @cache

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import sys
 from functools import cache
 from pathlib import Path
@@ -60,6 +61,16 @@ def standin_std(family: str) -> float:
     """Stand-in K/V weights whose keys have the size they have on 32-wide tokens: on 2048-wide tokens a std of 0.3
     makes the softmax nearly one-hot, where float32 summation order alone moves the output by 1e-3."""
     return 0.3 * (32 / token_width(family)) ** 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models():
+    """The tiny UNets (2048-wide SDXL ones too), adapters and pack models this module builds are cached per module,
+    not per session: the modules after it (test_workflows writes full-size files) need the memory."""
+    yield
+    for cached_builder in (Hosts, e_adapter, face_analysis, half_model):
+        cached_builder.cache_clear()
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
