@@ -20,13 +20,7 @@ from ..adapters.attention import decoupled_attention
 from ..adapters.layers import layout_for_cross_attention_keys
 from ..adapters.rows import RowLayout
 from .attention_host import transformer_blocks
-from .stacking import (
-    StackableReplace,
-    blocks_with_one_transformer,
-    install_replace,
-    registered_replaces,
-    replace_below,
-)
+from .stacking import StackableReplace, install_replaces
 
 
 def cross_attention_widths(diffusion_model: torch.nn.Module) -> dict[tuple[str, int, int], int]:
@@ -71,10 +65,6 @@ class SigmaGate:
         self.sigma_start = float(sigma_start)
         self.sigma_end = float(sigma_end)
         self.decision: tuple[torch.Tensor, bool] | None = None  # the tensor held, so its id cannot be reused
-
-    @property
-    def decided_for(self) -> torch.Tensor | None:
-        return None if self.decision is None else self.decision[0]
 
     @classmethod
     def from_percents(cls, model, strength: float, start_at: float, end_at: float) -> SigmaGate:
@@ -204,11 +194,9 @@ def install_branch_patches(model, patch_class, tokens: PerRunCache, layers, wrap
     ``OUTER_SAMPLE`` wrapper."""
     from comfy.patcher_extension import WrappersMP
 
-    existing = registered_replaces(model, "attn2")
-    single = blocks_with_one_transformer(model.get_model_object("diffusion_model"))
     model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, wrapper_key, tokens.sampling_wrapper)
-    for layer in layers:
-        install_replace(model, "attn2", patch_class(tokens, layer, previous=replace_below(existing, layer.comfy_key)), single)
+    by_key = {layer.comfy_key: layer for layer in layers}
+    install_replaces(model, "attn2", by_key, lambda key, previous: patch_class(tokens, by_key[key], previous=previous))
 
 
 def apply_cross_attention_branch(model, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor,

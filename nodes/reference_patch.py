@@ -27,13 +27,7 @@ from ..adapters.reference import attend_with_reference
 from ..adapters.rows import COND, RowLayout
 from .attention_host import transformer_blocks
 from .cross_attention_patch import PerRunCache
-from .stacking import (
-    StackableReplace,
-    blocks_with_one_transformer,
-    install_replace,
-    registered_replaces,
-    replace_below,
-)
+from .stacking import StackableReplace, install_replaces
 
 
 def check_sd15(model, kind: str) -> None:
@@ -148,11 +142,7 @@ def apply_reference_adapter(model, lora, latent: torch.Tensor, context: torch.Te
     if len(applied) != len(patches):
         raise ValueError(f"{lora.kind}: {len(patches) - len(applied)} LoRA weights have no matching model weight")
     blocks = transformer_blocks(patched.model.diffusion_model)
-    single = blocks_with_one_transformer(patched.model.diffusion_model)
-    existing = registered_replaces(patched, "attn1")
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "expression_adapters.reference", features.sampling_wrapper)
-    for layer in self_attention_layers(SD15):
-        key = layer.comfy_key
-        patch = ReferenceAttentionPatch(features, key, blocks[key].attn1, replace_below(existing, key))
-        install_replace(patched, "attn1", patch, single)
+    install_replaces(patched, "attn1", [layer.comfy_key for layer in self_attention_layers(SD15)],
+                     lambda key, previous: ReferenceAttentionPatch(features, key, blocks[key].attn1, previous))
     return patched, features

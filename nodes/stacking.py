@@ -10,7 +10,7 @@ Stacking needs four things, all here:
   at their key; they call ``existing.add(callback, **kwargs)`` on it (their ``Attn2Replace`` protocol) and
   mutate it in place. :class:`StackableReplace` answers that protocol: an added callback runs after our
   branch, on what the layer computed, gated by its own ``sigma_start``/``sigma_end`` as their class gates
-  it. IPAdapter_plus uses two-part keys on SD1.5 and three-part keys on SDXL, so :func:`install_replace`
+  it. IPAdapter_plus uses two-part keys on SD1.5 and three-part keys on SDXL, so :func:`install_replaces`
   puts ours where a pack of either kind looks: under the block's key where the block holds one transformer
   (every SD1.5 block) and nothing sits at the layer's own key, else under the layer's key.
 - **Theirs after ours, by overwriting:** a node that sets its replace at our layer's own key without
@@ -52,16 +52,22 @@ def blocks_with_one_transformer(diffusion_model) -> set[tuple[str, int]]:
     return {block for block, count in depth.items() if count == 1}
 
 
-def install_replace(model, attention: str, patch: StackableReplace, single: set[tuple[str, int]]) -> None:
-    """``patch`` as ``model``'s ``attention`` replace of layer ``patch.key``: under the block's key when the
-    block holds one transformer (``single``) and the layer's own key is free, else under the layer's key."""
+def install_replaces(model, attention: str, keys, make_patch) -> None:
+    """``make_patch(key, previous)`` as ``model``'s ``attention`` replace of each layer in ``keys``, ``previous``
+    being the replace ComfyUI calls there now (either key form). Each goes under the block's key when the block
+    holds one transformer and the layer's own key is free, else under the layer's key."""
     from comfy.patcher_extension import WrappersMP
 
-    key = patch.key
-    on_block = key[:2] in single and key not in registered_replaces(model, attention)
+    existing = registered_replaces(model, attention)
+    single = blocks_with_one_transformer(model.get_model_object("diffusion_model"))
     setter = model.set_model_attn1_replace if attention == "attn1" else model.set_model_attn2_replace
-    setter(patch, *(key[:2] if on_block else key))
-    model.model_options[OURS_KEY] = (*model.model_options.get(OURS_KEY, ()), (attention, patch))
+    installed = []
+    for key in keys:
+        patch = make_patch(key, replace_below(existing, key))
+        on_block = key[:2] in single and key not in registered_replaces(model, attention)
+        setter(patch, *(key[:2] if on_block else key))
+        installed.append((attention, patch))
+    model.model_options[OURS_KEY] = (*model.model_options.get(OURS_KEY, ()), *installed)
     if not model.get_wrappers(WrappersMP.OUTER_SAMPLE, STACKING_WRAPPER):
         model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, STACKING_WRAPPER, keep_ours_in_their_layers)
 

@@ -216,7 +216,7 @@ def test_branch_keys_values_are_freed_after_each_sampling_run(comfy):
                      torch.zeros(1, 4, 8, 8), disable_pbar=True, seed=0)
     assert torch.isfinite(samples).all()
     assert max(seen) == 16  # one entry per layer during the run: projected once, reused at every step
-    assert not tokens._cache and tokens.gate.decided_for is None  # nothing kept (on the GPU) after the run
+    assert not tokens._cache and tokens.gate.decision is None  # nothing kept (on the GPU) after the run
 
 
 def test_per_frame_expressions_follow_comfyuis_context_windows(comfy):
