@@ -71,22 +71,23 @@ def read_checkpoint(path) -> Mapping:
     lower = path.lower()
     if not lower.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
         raise ValueError(f"{path}: unsupported weight file type; use .safetensors (preferred), .bin, .pt or .pth")
-    with open(path, "rb") as handle:
-        problem = not_weights(path, handle.read(64))
-    if problem:
-        raise WeightFileError(path, problem)
-    if lower.endswith(SAFETENSORS_SUFFIXES):
-        safetensors_keys(path)  # a sane header first, or our own cause
+    safetensors = lower.endswith(SAFETENSORS_SUFFIXES)
+    if safetensors:
+        safetensors_keys(path)  # a sane header first (not_weights included), or our own cause
+    else:
+        with open(path, "rb") as handle:
+            problem = not_weights(path, handle.read(64))
+        if problem:
+            raise WeightFileError(path, problem)
     try:
-        if lower.endswith(SAFETENSORS_SUFFIXES):
+        if safetensors:
             from safetensors.torch import load_file
 
             return load_file(path, device="cpu")
         # weights_only: a checkpoint is data, never code to run.
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every reader failure becomes one message naming the file
-        raise WeightFileError(path, _diagnose(path, error, "safetensors" if lower.endswith(SAFETENSORS_SUFFIXES)
-                                              else "PyTorch")) from None
+        raise WeightFileError(path, _diagnose(path, error, "safetensors" if safetensors else "PyTorch")) from None
     if not isinstance(loaded, Mapping):
         raise WeightFileError(path, f"it holds a {type(loaded).__name__}, not a dictionary of tensors")
     return loaded
