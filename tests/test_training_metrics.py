@@ -66,14 +66,25 @@ def test_exp_is_the_sum_of_absolute_blendshape_differences():
         metrics.exp_score(np.zeros(51), np.zeros(51))
 
 
-def test_id_similarity_and_exp_mse():
+def test_id_similarity():
     a = np.array([[1.0, 0.0], [1.0, 1.0]])
     b = np.array([[2.0, 0.0], [-1.0, -1.0]])
     np.testing.assert_allclose(metrics.id_similarity(a, b), [1.0, -1.0])
-    reference, generated = np.zeros((1, 55)), np.zeros((1, 55))
-    generated[0, :5] = 1.0
-    np.testing.assert_allclose(metrics.exp_mse(reference, generated), [5 / 55])
-    np.testing.assert_allclose(metrics.exp_mse(reference, generated, slice(0, 50)), [5 / 50])
+
+
+def test_every_expression_column_reads_the_50_flame_expression_parameters():
+    # one reading everywhere: SMIRK's first 50 parameters; the 2 eyelid and 3 jaw parameters never count
+    target, generated = np.zeros((1, 55)), np.zeros((1, 55))
+    generated[0, :2] = [1.0, 2.0]  # squared differences 1 + 4 = 5
+    generated[0, 50:] = 9.0
+    np.testing.assert_allclose(metrics.exp_mse(target, generated), [5 / 50])
+    assert metrics.exp_rmse(target, generated) == pytest.approx(np.sqrt(5.0))  # one picture: its l2 distance
+    row = score_pair({"flame": generated[0]}, {"flame": target[0]})
+    assert row == {"exp_mse": pytest.approx(0.1)}
+    from training.evaluate import diversity
+
+    samples = [{"flame": np.r_[np.zeros(50), np.zeros(5)]}, {"flame": np.r_[np.full(50, 4.0), np.full(5, 100.0)]}]
+    assert diversity({"anna": samples}, {})["exp_std"]["mean"] == pytest.approx(2.0)  # std of {0, 4}
 
 
 def test_fid_wiring_through_torchmetrics_gives_hand_computed_distances():

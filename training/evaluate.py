@@ -238,7 +238,7 @@ def diversity(groups: Mapping[str, list[Mapping]], images: Mapping[str, list[np.
         if lpips is not None:
             per_identity["lpips"].append(metrics.mean_pairwise(images[name], lpips))
         for field, column in (("flame", "exp_std"), ("head_pose", "pose_std")):
-            values = [a[field][:50] if field == "flame" else np.radians(a[field]) for a in annotated if field in a]
+            values = [a[field][metrics.FLAME_EXPRESSION] if field == "flame" else np.radians(a[field]) for a in annotated if field in a]
             if len(values) >= 2:
                 per_identity[column].append(metrics.parameter_std(values))
     return {column: {"mean": float(np.mean(v)), "std": float(np.std(v)), "count": len(v)}

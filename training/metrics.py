@@ -2,8 +2,8 @@
 
 - Exp and LMS (EmojiDiff supp. A): in ``encoders.expression_metrics``, re-exported here.
 - ID similarity (Arc2Face paper §4): cosine similarity of ArcFace embeddings.
-- 3D Exp-MSE (Arc2Face paper §4): mean squared difference of SMIRK's FLAME parameters (all 55 by
-  default: 50 expression, 2 eyelid, 3 jaw, which is what the adapter is conditioned on).
+- 3D Exp-MSE (Arc2Face paper §4): mean squared difference of SMIRK's FLAME expression parameters (the
+  first 50 of the 55; see ``FLAME_EXPRESSION``).
 - FID: Fréchet distance between Gaussian fits of Inception pool features, computed by torchmetrics
   (see :class:`InceptionFeatures` for the feature networks and their weight files).
 """
@@ -26,10 +26,17 @@ def id_similarity(a, b) -> np.ndarray:
     return (a * b).sum(axis=-1) / np.maximum(norms, 1e-12)
 
 
-def exp_mse(reference, generated, parts: slice = slice(None)) -> np.ndarray:
-    """Mean squared difference of FLAME parameters per pair (``parts``: e.g. ``slice(0, 50)`` for expression only)."""
+# The FLAME expression parameters every expression column scores (3D Exp-MSE, Exp-RMSE, Exp-std): the first 50 of
+# SMIRK's 55 (50 expression, 2 eyelid, 3 jaw). Both papers score "FLAME expression parameters", and the Arc2Face
+# paper (§3) calls only e in R^50 that, apart from the eyelid and jaw poses, which are angles in another unit and
+# would weigh in arbitrarily. The adapter is still conditioned on all 55.
+FLAME_EXPRESSION = slice(0, 50)
+
+
+def exp_mse(reference, generated) -> np.ndarray:
+    """Mean squared difference of the FLAME expression parameters per pair (3D Exp-MSE)."""
     reference, generated = np.atleast_2d(reference).astype(np.float64), np.atleast_2d(generated).astype(np.float64)
-    return ((reference[:, parts] - generated[:, parts]) ** 2).mean(axis=-1)
+    return ((reference[:, FLAME_EXPRESSION] - generated[:, FLAME_EXPRESSION]) ** 2).mean(axis=-1)
 
 
 # --- FID ------------------------------------------------------------------------------------
@@ -187,9 +194,9 @@ def emotion_errors(target, generated) -> dict[str, float]:
             "class_acc": float(100.0 * np.mean(t[:, 2:].argmax(1) == g[:, 2:].argmax(1)))}
 
 
-def exp_rmse(target, generated, parameters: slice = slice(0, 50)) -> float:
-    """Exp-RMSE over SMIRK's FLAME expression parameters (the first 50; the paper used EMOCA's)."""
-    return set_rmse(np.atleast_2d(target)[:, parameters], np.atleast_2d(generated)[:, parameters])
+def exp_rmse(target, generated) -> float:
+    """Exp-RMSE over SMIRK's FLAME expression parameters (``FLAME_EXPRESSION``; the paper used EMOCA's)."""
+    return set_rmse(np.atleast_2d(target)[:, FLAME_EXPRESSION], np.atleast_2d(generated)[:, FLAME_EXPRESSION])
 
 
 def pose_rmse(target_degrees, generated_degrees) -> float:
