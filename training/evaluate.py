@@ -17,7 +17,8 @@ Metrics (see :mod:`training.metrics`): ID similarity (needs --insightface), 3D E
 weights; computed by torchmetrics), LIQE (--liqe-weights with pyiqa). FaceCrafter's columns: Exp-RMSE
 (SMIRK), Pose-RMSE (MediaPipe head pose), V/A/Dist-RMSE and Class-ACC (--emonet); ID-only diversity
 (LPIPS with --lpips-backbone, std of expression and pose) over entries sharing an ``identity``.
-``--paper-table emojidiff|facecrafter|facecrafter-diversity`` prints the paper's rows beside ours.
+``--paper-table emojidiff|facecrafter|facecrafter-diversity`` prints the paper's rows beside ours, and ID similarity
+then uses that paper's recogniser (``training.paper_tables.PAPER_RECOGNIZERS``) unless --recognizer names another.
 A metric whose model is not given is left out, with a note. Writes ``per_sample.csv``,
 ``summary.json`` and prints a summary table.
 """
@@ -245,6 +246,25 @@ def diversity(groups: Mapping[str, list[Mapping]], images: Mapping[str, list[np.
             for column, v in per_identity.items() if v}
 
 
+def recognizer_for(insightface, recognizer, paper_table):
+    """The recogniser to measure ID with: ``recognizer`` if given, else the paper's for ``paper_table`` (which must
+    then be in the folder: another recogniser's numbers would not be comparable), else the folder's order."""
+    from encoders.identity import find_model_files
+
+    from .paper_tables import paper_recognizer
+
+    if recognizer or not insightface:
+        return recognizer
+    chosen = paper_recognizer(paper_table)
+    if chosen is not None:
+        try:
+            find_model_files(insightface, chosen)
+        except FileNotFoundError as error:
+            raise SystemExit(f"{error}\n--paper-table {paper_table} measures ID with the paper's recogniser {chosen}; "
+                             "put it there, or give --recognizer to use another") from error
+    return chosen
+
+
 def compute_fid(real_folder, generated_paths, weights, backend, device) -> float:
     extractor = metrics.InceptionFeatures(weights, backend=backend, device=device)
     real = [read_image(str(p)) for p in list_images(real_folder)]
@@ -261,7 +281,10 @@ def compute_fid(real_folder, generated_paths, weights, backend, device) -> float
 
 def evaluate(generated_folder, targets_path, out, insightface=None, smirk=None, landmarker=None, real=None,
              inception_weights=None, fid_backend="fid-inception", pair_by="name", provider="cpu", device="cpu",
-             recognizer=None, det_size=640, emonet=None, liqe_weights=None, lpips_backbone=None) -> dict:
+             recognizer=None, det_size=640, emonet=None, liqe_weights=None, lpips_backbone=None,
+             paper_table=None) -> dict:
+    """``paper_table``: the table the numbers go beside; its paper's recogniser measures ID unless ``recognizer``
+    names another."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notes = []
@@ -273,7 +296,10 @@ def evaluate(generated_folder, targets_path, out, insightface=None, smirk=None, 
         notes.append("no --landmarker (MediaPipe face_landmarker.task): Exp and LMS left out")
     if not emonet:
         notes.append("no --emonet: FaceCrafter's V/A/Dist-RMSE and Class-ACC left out")
-    annotator = ImageAnnotator(insightface, smirk, landmarker, provider, det_size, recognizer=recognizer, emonet=emonet)
+    annotator = ImageAnnotator(insightface, smirk, landmarker, provider, det_size,
+                               recognizer=recognizer_for(insightface, recognizer, paper_table), emonet=emonet)
+    if annotator.analyzer is not None:
+        notes.append(f"ID similarity measured with {annotator.analyzer.recognizer_path.name}")
     liqe = lpips = None
     if liqe_weights:
         try:
@@ -342,7 +368,9 @@ def parse_args(argv=None):
     parser.add_argument("--targets", required=True, help="targets JSON, or a training.prepare manifest.json")
     parser.add_argument("--out", required=True, help="folder for per_sample.csv and summary.json")
     parser.add_argument("--insightface", help="antelopev2-style folder (ID similarity)")
-    parser.add_argument("--recognizer", help="recogniser file in that folder (default arcface.onnx)")
+    parser.add_argument("--recognizer", help="recogniser file in that folder (default: the --paper-table paper's, "
+                        "glintr100.onnx for EmojiDiff and arcface.onnx for Arc2Face and FaceCrafter; without a table "
+                        "arcface.onnx, else glintr100.onnx)")
     parser.add_argument("--smirk", help="SMIRK_em1.pt (3D Exp-MSE)")
     parser.add_argument("--landmarker", help="MediaPipe face_landmarker.task (Exp, LMS)")
     parser.add_argument("--real", help="folder of real pictures (FID)")
@@ -369,7 +397,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     summary = evaluate(args.generated, args.targets, args.out, args.insightface, args.smirk, args.landmarker, args.real,
                        args.inception_weights, args.fid_backend, args.pair_by, args.provider, args.device,
-                       args.recognizer, args.det_size, args.emonet, args.liqe_weights, args.lpips_backbone)
+                       args.recognizer, args.det_size, args.emonet, args.liqe_weights, args.lpips_backbone,
+                       args.paper_table)
     print(format_table(summary))
     if args.paper_table:
         from .paper_tables import paper_table

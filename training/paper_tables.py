@@ -19,7 +19,8 @@ EMOJIDIFF_ROWS = {
 }
 EMOJIDIFF_NOTES = [
     "paper: realistic-style columns of Table 1 (SD1.5); its Exp is read as the mean over the 52 blendshapes (spec E3)",
-    "ID: ours is the cosine of the recogniser given to --insightface (use antelopev2, as the paper did)",
+    "ID: ours is the cosine of antelopev2's glintr100.onnx in the --insightface folder (the paper's), unless "
+    "--recognizer names another",
 ]
 
 # FaceCrafter Table 1. FaceCrafter(LMK+EMO)'s FID is 41.54: our text of the paper reads 31.54, but a second
@@ -38,7 +39,7 @@ FACECRAFTER_ROWS = {
 FACECRAFTER_NOTES = [
     "Exp-RMSE: ours on SMIRK's 50 expression parameters; the paper used EMOCA v2's FLAME parameters: not comparable",
     "Pose-RMSE: ours from MediaPipe's head pose (radians); the paper used EMOCA's FLAME pose",
-    "ID-Sim: ours is ArcFace (the --insightface recogniser); the paper used FaceNet",
+    "ID-Sim: ours is ArcFace (arcface.onnx unless --recognizer names another); the paper used FaceNet",
     "FID: the paper's is against 2,000 FFHQ images; ours against --real",
     "RMSEs: root of the mean squared l2 distance per picture (the paper does not give its reduction, spec F9)",
 ]
@@ -88,6 +89,17 @@ TABLES = {"emojidiff": (EMOJIDIFF_COLUMNS, EMOJIDIFF_ROWS, EMOJIDIFF_NOTES),
                                ["paper: Tables 2 and 3 (the ablations, probably scored on anime; IQ not reported)"]),
           "facecrafter": (FACECRAFTER_COLUMNS, FACECRAFTER_ROWS, FACECRAFTER_NOTES),
           "facecrafter-diversity": (DIVERSITY_COLUMNS, DIVERSITY_ROWS, DIVERSITY_NOTES)}
+
+
+# Each paper's ID recogniser, the default for its tables (--recognizer overrides): EmojiDiff measured ID with
+# antelopev2 (glintr100.onnx); the Arc2Face paper with Arc2Face's own ArcFace (arcface.onnx), which FaceCrafter,
+# built on Arc2Face, also gets (its FaceNet is not offered).
+PAPER_RECOGNIZERS = {"emojidiff": "glintr100.onnx", "arc2face": "arcface.onnx", "facecrafter": "arcface.onnx"}
+
+
+def paper_recognizer(kind: str | None) -> str | None:
+    """The recogniser file that ``--paper-table kind`` measures ID with; None (no table): the folder's own order."""
+    return None if kind is None else PAPER_RECOGNIZERS.get(kind.split("-")[0])
 
 
 def ours(summary_metrics: Mapping, key: str) -> float | None:
