@@ -199,3 +199,52 @@ def test_landmark_annotation_with_the_real_mediapipe_model(models, inputs, media
     errors = np.linalg.norm(landmarks[:, :2] * resolution - expected, axis=-1)
     # a few pixels, as between the two runs on t1.jpg itself (the crop enlarges the face about 1.2x)
     assert np.median(errors) < 5.0 and errors.mean() < 6.0, errors.mean()
+
+
+def test_liqe_filter_drops_pictures_below_the_threshold_before_the_face_step(models, inputs, tmp_path, monkeypatch):
+    """EmojiDiff's LIQE cleaning with a stand-in scorer (LIQE's own weights cannot be fetched here): the
+    picture's mean brightness / 51, a 0..5 score computed by hand from the input files below."""
+    import cv2
+
+    import training.metrics
+
+    folder, pictures = inputs
+    weights = tmp_path / "LIQE.pt"
+    weights.write_bytes(b"stand-in")
+    seen = []
+
+    def standin_liqe(path, device="cpu"):
+        seen.append((str(path), device))
+        return lambda rgb: float(rgb.mean()) / 51
+
+    monkeypatch.setattr(training.metrics, "liqe_scorer", standin_liqe)
+    scores = {p.name: float(cv2.imread(str(p)).mean()) / 51 for p in pictures}
+    threshold = float(np.mean(sorted(scores.values())[:2]))  # between the two lowest: one real picture fails
+    out = tmp_path / "shards"
+    summary = prepare(models.prepare_args([folder], out, "--min-liqe", str(threshold), "--liqe-weights", str(weights)))
+    assert seen == [(str(weights), "cpu")]
+    kept = {name for name, score in scores.items() if score >= threshold}
+    assert len(kept) == 2
+    # the black picture (score 0) is dropped for quality before the detector could call it faceless
+    assert summary["skipped"] == {"low_quality": 2, "corrupt": 1}
+    dataset = ShardDataset(load_index(out / "manifest.json"), (), resolution=64, load_image=False)
+    stored = {Path(dataset[i]["meta"]["source"]).name: dataset[i]["meta"]["liqe"] for i in range(len(dataset))}
+    assert stored == pytest.approx({name: scores[name] for name in kept}, abs=1e-4)
+    report = json.loads((out / "report.json").read_text())
+    assert {Path(e["source"]).name for e in report["skipped_files"] if e["reason"] == "low_quality"} == \
+        {"c3_black.png"} | (set(scores) - kept)
+
+
+def test_liqe_filter_says_which_file_is_missing(models, inputs, tmp_path, monkeypatch):
+    """The real loader (training.metrics.liqe_scorer) stops the run with a message naming what to provide."""
+    folder, pictures = inputs
+    with pytest.raises(SystemExit, match=r"--min-liqe needs --liqe-weights"):
+        prepare(models.prepare_args(pictures[:1], tmp_path / "a", "--min-liqe", "3"))
+    with pytest.raises(SystemExit, match=r"LIQE needs its weights file"):
+        prepare(models.prepare_args(pictures[:1], tmp_path / "b", "--min-liqe", "3", "--liqe-weights", str(tmp_path / "no.pt")))
+    weights = tmp_path / "LIQE.pt"
+    weights.write_bytes(b"stand-in")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(SystemExit, match=r"CLIP ViT-B-32\.pt at .*torch_home"):
+        prepare(models.prepare_args(pictures[:1], tmp_path / "c", "--min-liqe", "3", "--liqe-weights", str(weights)))
+

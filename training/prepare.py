@@ -82,12 +82,15 @@ class Options:
     emonet: str | None = None  # EmoNet checkpoint -> emotion
     face_mask: bool = False
     mask_size: int = 64
+    # EmojiDiff's data cleaning: drop pictures whose LIQE score is below min_liqe (0: off)
+    liqe_weights: str | None = None
+    min_liqe: float = 0.0
 
 
 # Options added after the first release: left out of a plan at their defaults, so folders
 # prepared before keep resuming.
 LATER_OPTIONS = ("person_from", "person_list", "faceid_recognizer", "head_pose", "local_image", "clip_vision",
-                 "emonet", "face_mask", "mask_size")
+                 "emonet", "face_mask", "mask_size", "liqe_weights", "min_liqe")
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -156,6 +159,38 @@ def clip_id(path: str) -> str:
 
 # --- annotation -----------------------------------------------------------------------------
 
+class QualityFilter:
+    """EmojiDiff's data cleaning ([ED §4 Dataset]: LIQE filters out low-quality images, then faces are cropped).
+
+    ``score(rgb) -> float`` (LIQE: 1 bad .. 5 excellent) rates the whole picture, as the paper filters images
+    before cropping; a picture below ``minimum`` is skipped as ``low_quality``. Kept samples record their
+    score (metadata ``liqe``), so a threshold can be chosen from the scores of a first run.
+    """
+
+    name = "quality"
+
+    def __init__(self, score, minimum: float):
+        self.score, self.minimum = score, float(minimum)
+
+    def __call__(self, sample: Sample) -> None:
+        value = float(self.score(sample.image))
+        if value < self.minimum:
+            raise SkipSample("low_quality", f"LIQE {value:.3f} < {self.minimum}")
+        sample.meta["liqe"] = round(value, 4)
+
+
+def quality_filter(options: Options) -> QualityFilter:
+    """LIQE through the evaluation's loader (training.metrics.liqe_scorer); a missing file stops the run."""
+    from . import metrics
+
+    if not options.liqe_weights:
+        raise SystemExit("--min-liqe needs --liqe-weights (pyiqa's LIQE weights file)")
+    try:
+        return QualityFilter(metrics.liqe_scorer(options.liqe_weights, options.device), options.min_liqe)
+    except metrics.OptionalMetricMissing as error:
+        raise SystemExit(f"--min-liqe: {error}") from None
+
+
 class Annotators:
     """The annotator chain, built once per worker process."""
 
@@ -164,9 +199,11 @@ class Annotators:
         from encoders.smirk import load_smirk_encoder
 
         self.notes = []
+        # the quality filter runs first: a dropped picture costs no face detection
+        chain = [quality_filter(options)] if options.min_liqe else []
         analyzer = FaceAnalyzer.from_folder(options.insightface, recognizer=options.recognizer,
                                             det_size=options.det_size, provider=options.provider)
-        chain = [FaceAnnotator(analyzer, options.resolution, options.face_index)]
+        chain.append(FaceAnnotator(analyzer, options.resolution, options.face_index))
         if options.faceid_recognizer:
             chain.append(FaceIdAnnotator(FaceAnalyzer(options.faceid_recognizer, provider=options.provider)))
         if options.landmarker:
@@ -369,6 +406,9 @@ def run_prepare(inputs: list[str], options: Options, num_processes: int = 1, pro
     if workers > 1 and len(todo) > 1:
         import multiprocessing
 
+        if options.min_liqe:
+            quality_filter(options)  # a missing LIQE file is said here: a worker's SystemExit would hang the pool
+
         # spawn: onnxruntime and torch threads do not survive fork
         with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (workers,)) as pool:
             jobs = [pool.apply_async(process_shard, (k, plan["shards"][k], options)) for k in todo]
@@ -453,6 +493,9 @@ def parse_args(argv=None):
     extra.add_argument("--emonet", help="EmoNet checkpoint (emonet_8.pth): emotion (valence, arousal, 8 probabilities)")
     extra.add_argument("--face-mask", action="store_true", help="face_mask: the filled MediaPipe face oval")
     extra.add_argument("--mask-size", type=int, default=64, help="face_mask side in cells (default 64)")
+    extra.add_argument("--min-liqe", type=float, default=0.0,
+                       help="EmojiDiff's cleaning: skip pictures whose LIQE score (1-5) is below this (default 0: off)")
+    extra.add_argument("--liqe-weights", help="pyiqa's LIQE weights file for --min-liqe (and CLIP ViT-B-32.pt, see README)")
     # Under torchrun / accelerate launch, WORLD_SIZE and RANK give the split without flags.
     parser.add_argument("--num-processes", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                         help="processes/machines splitting the shards (default: torchrun's WORLD_SIZE, else 1)")
