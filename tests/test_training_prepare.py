@@ -248,3 +248,74 @@ def test_liqe_filter_says_which_file_is_missing(models, inputs, tmp_path, monkey
     with pytest.raises(SystemExit, match=r"CLIP ViT-B-32\.pt at .*torch_home"):
         prepare(models.prepare_args(pictures[:1], tmp_path / "c", "--min-liqe", "3", "--liqe-weights", str(weights)))
 
+
+# CelebAMask-HQ's face labels, listed by hand from facexlib's label names: skin, both brows, both eyes, glasses,
+# nose, mouth, both lips (ears, earrings, neck, necklace, cloth, hair, hat and background are not face)
+FACE_LABELS = [1, 2, 3, 4, 5, 6, 10, 11, 12, 13]
+
+
+def facexlib_face_mask(network, crop, mean, std):
+    """The face labels of facexlib's network called directly on the crop as facexlib's callers feed it."""
+    import cv2
+    import torch
+
+    resized = cv2.resize(crop, (512, 512), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255
+    pixels = torch.from_numpy((resized - np.float32(mean)) / np.float32(std)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        labels = network(pixels)[0].argmax(1)[0].numpy().astype(np.uint8)
+    labels = cv2.resize(labels, crop.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    return np.isin(labels, FACE_LABELS)
+
+
+def test_face_parsing_mask_from_a_local_bisenet_file(models, inputs, tmp_path):
+    """prepare --face-parser bisenet: facexlib's BiSeNet at its published size (random weights saved as the
+    .pth users have), no landmarks needed; the stored mask is the area-downsampled face labels."""
+    import cv2
+    import torch
+    from facexlib.parsing.bisenet import BiSeNet
+
+    from training.shards import read_sample
+
+    folder, pictures = inputs
+    torch.manual_seed(0)
+    network = BiSeNet(num_class=19).eval()
+    weights = tmp_path / "parsing_bisenet.pth"
+    torch.save(network.state_dict(), weights)
+    out = tmp_path / "shards"
+    summary = prepare(models.prepare_args(pictures[:1], out, "--face-mask", "--face-parser", "bisenet",
+                                          "--face-parsing-model", str(weights), "--mask-size", "16",
+                                          "--image-format", "png"))
+    assert summary["samples"] == 1
+    record = load_index(out)[0]
+    files = read_sample(record, 0)
+    crop = cv2.imdecode(np.frombuffer(files["png"], np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    stored = np.load(io.BytesIO(files["face_mask.npy"]))
+    full = facexlib_face_mask(network, np.ascontiguousarray(crop), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected = full.reshape(16, 4, 16, 4).mean((1, 3)) >= 0.5  # 64-pixel crop, 4 x 4 pixels a cell
+    assert 0 < expected.mean() < 1
+    np.testing.assert_array_equal(stored, expected.astype(np.uint8))
+    # BiSeNet's own normalisation matters: ParseNet's would parse this crop otherwise
+    assert (facexlib_face_mask(network, np.ascontiguousarray(crop), (0.5,) * 3, (0.5,) * 3) != full).any()
+
+    with pytest.raises(FileNotFoundError, match=r"--face-parsing-model; facexlib's parsing_bisenet\.pth"):
+        prepare(models.prepare_args(pictures[:1], tmp_path / "none", "--face-mask", "--face-parser", "bisenet"))
+
+
+def test_parsenet_parser_from_a_safetensors_file(t1, tmp_path):
+    import torch
+    from facexlib.parsing.parsenet import ParseNet
+    from safetensors.torch import save_file
+
+    from encoders.face_align import align_face
+    from training.face_parsing import FaceParser
+
+    rgb, boxes, kps = t1
+    crop, _ = align_face(rgb, kps[0], 96)
+    torch.manual_seed(1)
+    network = ParseNet(in_size=512, out_size=512, parsing_ch=19).eval()
+    weights = tmp_path / "parsing_parsenet.safetensors"
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(weights))
+    mask = FaceParser.from_file(weights, "parsenet")(crop)
+    expected = facexlib_face_mask(network, crop, (0.5,) * 3, (0.5,) * 3)
+    assert mask.shape == crop.shape[:2] and 0 < expected.mean() < 1
+    np.testing.assert_array_equal(mask, expected)

@@ -82,6 +82,8 @@ class Options:
     emonet: str | None = None  # EmoNet checkpoint -> emotion
     face_mask: bool = False
     mask_size: int = 64
+    face_parser: str = "oval"  # oval (MediaPipe) | bisenet | parsenet (facexlib, --face-parsing-model)
+    face_parsing_model: str | None = None
     # EmojiDiff's data cleaning: drop pictures whose LIQE score is below min_liqe (0: off)
     liqe_weights: str | None = None
     min_liqe: float = 0.0
@@ -90,7 +92,7 @@ class Options:
 # Options added after the first release: left out of a plan at their defaults, so folders
 # prepared before keep resuming.
 LATER_OPTIONS = ("person_from", "person_list", "faceid_recognizer", "head_pose", "local_image", "clip_vision",
-                 "emonet", "face_mask", "mask_size", "liqe_weights", "min_liqe")
+                 "emonet", "face_mask", "mask_size", "face_parser", "face_parsing_model", "liqe_weights", "min_liqe")
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -191,6 +193,16 @@ def quality_filter(options: Options) -> QualityFilter:
         raise SystemExit(f"--min-liqe: {error}") from None
 
 
+def face_mask_annotator(options: Options) -> FaceMaskAnnotator:
+    """The AD loss's face mask: MediaPipe's face oval, or a facexlib face-parsing network (training/face_parsing.py)."""
+    if options.face_parser == "oval":
+        return FaceMaskAnnotator(size=options.mask_size)
+    from .face_parsing import FaceParser
+
+    return FaceMaskAnnotator(FaceParser.from_file(options.face_parsing_model, options.face_parser, options.device),
+                             size=options.mask_size)
+
+
 class Annotators:
     """The annotator chain, built once per worker process."""
 
@@ -214,7 +226,7 @@ class Annotators:
             self.notes.append("no --landmarker given: samples have no 'landmarks'/'blendshapes' and SMIRK crops "
                               "come from the detector's face box instead of MediaPipe landmarks")
             for flag in ("head_pose", "local_image", "clip_vision", "face_mask"):
-                if getattr(options, flag):
+                if getattr(options, flag) and not (flag == "face_mask" and options.face_parser != "oval"):
                     raise SystemExit(f"--{flag.replace('_', '-')} needs MediaPipe landmarks: give --landmarker too")
         chain.append(SmirkAnnotator(load_smirk_encoder(options.smirk, options.device), options.smirk_channel_order))
         if options.local_image or options.clip_vision:
@@ -229,7 +241,7 @@ class Annotators:
 
             chain.append(EmotionAnnotator(load_emonet(options.emonet, options.device)))
         if options.face_mask:
-            chain.append(FaceMaskAnnotator(size=options.mask_size))
+            chain.append(face_mask_annotator(options))
         self.vae_config = None
         if options.vae:
             from diffusers import AutoencoderKL
@@ -493,6 +505,9 @@ def parse_args(argv=None):
     extra.add_argument("--emonet", help="EmoNet checkpoint (emonet_8.pth): emotion (valence, arousal, 8 probabilities)")
     extra.add_argument("--face-mask", action="store_true", help="face_mask: the filled MediaPipe face oval")
     extra.add_argument("--mask-size", type=int, default=64, help="face_mask side in cells (default 64)")
+    extra.add_argument("--face-parser", choices=("oval", "bisenet", "parsenet"), default="oval",
+                       help="face_mask from MediaPipe's face oval (default) or a facexlib face-parsing network")
+    extra.add_argument("--face-parsing-model", help="facexlib's parsing_bisenet.pth / parsing_parsenet.pth (or .safetensors)")
     extra.add_argument("--min-liqe", type=float, default=0.0,
                        help="EmojiDiff's cleaning: skip pictures whose LIQE score (1-5) is below this (default 0: off)")
     extra.add_argument("--liqe-weights", help="pyiqa's LIQE weights file for --min-liqe (and CLIP ViT-B-32.pt, see README)")
