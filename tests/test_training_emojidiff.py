@@ -213,7 +213,7 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(stage, demo, idi_shar
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
-def test_ica_gradients_reach_only_the_trainable_parameters(demo, base_export, idi_shards, tmp_path):
+def test_ica_gradients_reach_only_the_trainable_parameters(demo, base_export, idi_shards, tmp_path, monkeypatch):
     # an expression teacher other than the start (else L_exp and its gradient are 0 at the first step)
     trainer = Trainer(config("ica", data_for("ica", demo, idi_shards), tmp_path, "train.max_steps=1",
                              f"emojidiff.exp_teacher={base_export}"))
@@ -234,7 +234,19 @@ def test_ica_gradients_reach_only_the_trainable_parameters(demo, base_export, id
         assert sum(float(g.abs().sum()) for g in grads.values()) > 0, term
         for model in frozen:
             assert all(p.grad is None for p in model.parameters()), term
+    # R_tmax reaches ANI: record what the stage hands the real ani_latent (the smoke config keeps the default)
+    from training import losses
+
+    caps = []
+
+    def recording_ani_latent(*args):
+        caps.append(args[-1])
+        return real_ani_latent(*args)
+
+    real_ani_latent = losses.ani_latent
+    monkeypatch.setattr(losses, "ani_latent", recording_ani_latent)
     stage.loss(module, batch, torch.Generator().manual_seed(7), dropout=False)
+    assert caps == [600, 600, 600]  # EmojiDiff supp. B.1; the current adapter and both teachers
     terms = {name: float(value) for name, value in stage.loss_terms.items()}
     assert set(terms) == {"loss_sd", "loss_id_weighted", "loss_exp_weighted"}
     assert terms["loss_id_weighted"] > 0  # the FaceID teacher differs from the adapter being tuned

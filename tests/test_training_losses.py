@@ -49,7 +49,7 @@ def test_ani_latent_is_z0_plus_f_times_the_noise_error():
 
 
 def test_wing_loss_on_both_sides_of_w_and_continuous_at_w():
-    w, eps = 10 / 256, 2 / 256
+    w = 10 / 256
     zero = torch.zeros(1, 1, 2)
     # |x| = 1/256 < w: w ln(1 + 0.5); |x| = 20/256 > w: |x| - (w - w ln 6)
     inside = wing_loss(torch.tensor([[[1 / 256, -1 / 256]]]), zero)
@@ -59,7 +59,20 @@ def test_wing_loss_on_both_sides_of_w_and_continuous_at_w():
     below, above = (float(wing_loss(torch.tensor([[[w + d, w + d]]], dtype=torch.float64), zero.double()))
                     for d in (-1e-9, 1e-9))
     assert below == pytest.approx(above, abs=1e-8) and below == pytest.approx(w * math.log(6), rel=1e-6)
-    assert eps == 2 / 256
+
+
+def test_wing_width_and_epsilon_the_ica_stage_uses_are_10_and_2_pixels_of_256():
+    from training.emojidiff_config import EMOJIDIFF_DEFAULTS
+
+    # the values the stage passes (emojidiff.wing_width / wing_epsilon) and wing_loss's own defaults
+    width, epsilon = EMOJIDIFF_DEFAULTS["wing_width"], EMOJIDIFF_DEFAULTS["wing_epsilon"]
+    assert (width, epsilon) == (10 / 256, 2 / 256)
+    zero = torch.zeros(1, 1, 2, dtype=torch.float64)
+    one_pixel = torch.full((1, 1, 2), 1 / 256, dtype=torch.float64)
+    # |x| = 1/256 < w: (10/256) ln(1 + (1/256) / (2/256)) = 0.0390625 ln 1.5; eps = 0.2/256 would give ln 6
+    expected = 0.0390625 * 0.4054651081
+    assert float(wing_loss(one_pixel, zero, width, epsilon)) == pytest.approx(expected, rel=1e-9)
+    assert float(wing_loss(one_pixel, zero)) == pytest.approx(expected, rel=1e-9)
 
 
 def test_idi_filter_keeps_within_both_thresholds_and_drops_either_above():
