@@ -43,6 +43,10 @@ FACECRAFTER_DEFAULTS = {
     "ad_token_reduction": "mean",  # masked mean over tokens (CHOICE; "sum" = masked sum)
     "ad_pair_reduction": "sum",  # sum over pairs, as Eq. 2 is written (CHOICE; "mean" averages)
     "id_encoder_learning_rate": 1.0e-5,  # the CLIP ID encoder (CHOICE); the modules use train.learning_rate
+    # Training previews use the FaceCrafter Guider's Eq. 6 with these scales (paper §4.1), not sampling.guidance_scale
+    "w_id": 2.5,
+    "w_lmk": 2.0,
+    "w_emo": 2.0,
 }
 # blocks of constructor arguments, passed through to the dataclasses (which reject unknown names)
 FACECRAFTER_FREE_BLOCKS = {("facecrafter", "lmk"), ("facecrafter", "emo"), ("facecrafter", "landmark_style")}
@@ -62,7 +66,8 @@ def check_facecrafter(config: Mapping, error) -> None:
         raise error(f"facecrafter.ad_token_reduction must be one of {TOKEN_REDUCTIONS}; got {cfg['ad_token_reduction']!r}")
     if cfg["ad_pair_reduction"] not in PAIR_REDUCTIONS:
         raise error(f"facecrafter.ad_pair_reduction must be one of {PAIR_REDUCTIONS}; got {cfg['ad_pair_reduction']!r}")
-    for name in ("ad_weight", "id_encoder_learning_rate", "expression_threshold", "pose_degrees", "same_pose_degrees"):
+    for name in ("ad_weight", "id_encoder_learning_rate", "expression_threshold", "pose_degrees", "same_pose_degrees",
+                 "w_id", "w_lmk", "w_emo"):
         if not float(cfg[name]) >= 0.0:
             raise error(f"facecrafter.{name} must be a number >= 0; got {cfg[name]}")
     if (config["stage"] == "facecrafter_joint" and config["train"]["gradient_checkpointing"]

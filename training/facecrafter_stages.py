@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from adapters.diffusers_host import attach_adapters
 from adapters.facecrafter import (
     DEFAULT_LANDMARK_STYLE,
+    GUIDANCE_SWITCHES,
     EmotionEncoderConfig,
     FaceCrafter,
     LandmarkEncoderConfig,
@@ -258,8 +259,14 @@ class FaceCrafterStage(Stage):
 
     # -- samples and export ------------------------------------------------------------------
 
+    def guidance_chunks(self) -> list[int]:
+        """The FaceCrafter Guider's predictions a preview runs, as GUIDANCE_SWITCHES indices: uncond, ID, and
+        ID+LMK / ID+EMO for the modules this stage has (the Guider skips a module the model lacks)."""
+        return [0, 1] + [2] * ("lmk" in self.modules) + [3] * ("emo" in self.modules)
+
     def sampling_inputs(self, module, batch: Mapping):
-        """CFG on the full condition: branches on for the conditional rows, cut (alpha 0) for the unconditional ones."""
+        """Eq. 6's predictions, as the FaceCrafter Guider runs them: the negative with the branches off, then the
+        ID context once per conditional prediction with that prediction's switches (GUIDANCE_SWITCHES)."""
         with torch.no_grad():
             context = self.host.id_encoder.encode(batch["source_id"].to(self.device))
             count = context.shape[0]
@@ -267,14 +274,41 @@ class FaceCrafterStage(Stage):
             for name, condition in self.conditions(batch).items():
                 key = "lmk" if name == "landmark_images" else "emo"
                 tokens[key] = getattr(module.crafter, key).tokens(condition)
-        switches = torch.cat([torch.zeros(count), torch.ones(count)]).to(self.device)
+        chunks = self.guidance_chunks()
+        conditional = len(chunks) - 1
+        switches = {name: torch.tensor([GUIDANCE_SWITCHES[index][column] for index in chunks for _ in range(count)],
+                                       device=self.device)
+                    for name, column in (("lmk", 0), ("emo", 1)) if name in tokens}
         negative = self.negative.to(context).expand_as(context)
-        return (context, tokens), (negative, tokens), {"adapter_scale": {name: switches for name in tokens}}
+        cond = (torch.cat([context] * conditional), {name: torch.cat([t] * conditional) for name, t in tokens.items()})
+        return cond, (negative, tokens), {"adapter_scale": switches}
+
+    def sampling_guide(self):
+        """Eq. 6 over the predictions of :meth:`guidance_chunks` with facecrafter.w_id / w_lmk / w_emo."""
+        weights = {2: float(self.fc["w_lmk"]), 3: float(self.fc["w_emo"])}
+        modules = [weights[index] for index in self.guidance_chunks()[2:]]
+        w_id = float(self.fc["w_id"])
+
+        def guide(unconditional, with_id, *with_modules):
+            return multi_condition_guidance(unconditional, with_id, with_modules, w_id, modules)
+
+        return guide
 
     def export(self, module, path) -> None:
         module.crafter.save(path)
         if module.trains_id_encoder:
             save_id_encoder(module.text_model, self.negative, Path(path).parent / self.config["export"]["id_encoder_folder"])
+
+
+def multi_condition_guidance(unconditional, with_id, with_modules, w_id: float, w_modules) -> torch.Tensor:
+    """FaceCrafter Eq. 6: eps_uncond + w_ID (eps_ID - eps_uncond) + sum over modules w_m (eps_ID+m - eps_ID).
+
+    The same formula as the FaceCrafter Guider node (nodes/facecrafter_nodes.py), which keeps its own copy
+    inside ComfyUI's guider; training cannot import nodes/."""
+    guided = unconditional + w_id * (with_id - unconditional)
+    for prediction, weight in zip(with_modules, w_modules, strict=True):
+        guided = guided + weight * (prediction - with_id)
+    return guided
 
 
 def save_id_encoder(text_model, negative: torch.Tensor, folder: Path) -> None:

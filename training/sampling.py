@@ -1,4 +1,5 @@
-"""Sample grids during training: a plain denoising loop (no pipeline class) with classifier-free guidance.
+"""Sample grids during training: a plain denoising loop (no pipeline class) with classifier-free guidance
+(FaceCrafter's stages: its multi-condition guidance, Eq. 6).
 
 The loop is the same one a diffusers pipeline runs (DPM-Solver++ from the training schedule,
 CFG over a [uncond, cond] batch) written out, so it works with our attention processors and a
@@ -16,10 +17,13 @@ import torch
 
 @torch.no_grad()
 def denoise(unet, noise_scheduler_config, cond, uncond, latent_shape, steps: int = 25, guidance: float = 3.0,
-            generator: torch.Generator | None = None, extra: Mapping | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, extra: Mapping | None = None, guide=None) -> torch.Tensor:
     """Latents from noise. ``cond``/``uncond``: (context B x 77 x D, {adapter name: tokens B x T x D});
     ``extra``: more attention keyword arguments for the [uncond, cond] batch (the reference bank), and under
-    ``added_cond_kwargs`` SDXL's pooled text and time ids for that batch."""
+    ``added_cond_kwargs`` SDXL's pooled text and time ids for that batch.
+
+    ``guide``: for more than one conditional prediction (FaceCrafter's Eq. 6), ``cond`` stacks k chunks of B rows
+    and ``guide(uncond, *conditional)`` combines the k + 1 predictions; None is CFG with ``guidance``."""
     from diffusers import DPMSolverMultistepScheduler
 
     scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler_config, algorithm_type="dpmsolver++")
@@ -31,13 +35,15 @@ def denoise(unet, noise_scheduler_config, cond, uncond, latent_shape, steps: int
     tokens = {name: torch.cat([uncond[1][name], cond[1][name]]).to(parameter.dtype) for name in cond[1]}
     extra = dict(extra or {})
     added = extra.pop("added_cond_kwargs", None)
+    chunks = context.shape[0] // latent_shape[0]
+    if guide is None:
+        def guide(unconditional, conditional):
+            return unconditional + guidance * (conditional - unconditional)
     for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        model_input = scheduler.scale_model_input(torch.cat([latents] * chunks), t)
         prediction = unet(model_input.to(parameter.dtype), t, encoder_hidden_states=context,
                           cross_attention_kwargs={"adapter_tokens": tokens, **extra}, added_cond_kwargs=added).sample.float()
-        unconditional, conditional = prediction.chunk(2)
-        guided = unconditional + guidance * (conditional - unconditional)
-        latents = scheduler.step(guided, t, latents).prev_sample
+        latents = scheduler.step(guide(*prediction.chunk(chunks)), t, latents).prev_sample
     return latents
 
 
@@ -72,7 +78,8 @@ def sample_grid(stage, module, batch: Mapping, sampling_cfg: Mapping, seed: int)
     """Top row: the training crops whose ID and expression condition the bottom row's samples."""
     host = stage.host
     cond, uncond, extra = stage.sampling_inputs(module, batch)
-    count = cond[0].shape[0]
+    count = uncond[0].shape[0]
+    guide = stage.sampling_guide() if hasattr(stage, "sampling_guide") else None  # FaceCrafter: Eq. 6
     channels = host.unet.config.in_channels
     size = host.unet.config.sample_size
     if "pixels" in batch:
@@ -81,7 +88,8 @@ def sample_grid(stage, module, batch: Mapping, sampling_cfg: Mapping, seed: int)
         size = batch["latent_mean"].shape[-1]
     generator = torch.Generator(device=stage.device).manual_seed(seed)
     latents = denoise(host.unet, host.noise_scheduler.config, cond, uncond, (count, channels, size, size),
-                      int(sampling_cfg["num_inference_steps"]), float(sampling_cfg["guidance_scale"]), generator, extra)
+                      int(sampling_cfg["num_inference_steps"]), float(sampling_cfg["guidance_scale"]), generator, extra,
+                      guide)
     samples = to_pixels(latents, host.vae, host.latent_scale, host.latent_shift)
     rows = []
     if "pixels" in batch:
