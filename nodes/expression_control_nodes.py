@@ -13,11 +13,13 @@ Slider values outside a control's range are clamped by the library, with a warni
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..encoders.core_face_landmarks import as_blendshapes, as_landmarks
 from ..encoders.emotion import emotion_from_class, emotion_from_valence_arousal
 from ..encoders.expression_edit import (
     EASINGS,
@@ -44,7 +46,13 @@ from ..encoders.expressions import (
     Landmarks,
 )
 from ..encoders.previews import blendshape_chart, emotion_chart, flame_chart
-from .types import ArkitBlendshapesType, EmotionType, FaceLandmarksType, FlameExpressionType
+from .types import (
+    ArkitBlendshapesType,
+    EmotionType,
+    FaceLandmarksType,
+    FlameExpressionType,
+    or_core_face_landmarks,
+)
 from .validation import check_choices, check_numbers
 
 CATEGORY = "expression_adapters/expression"
@@ -60,12 +68,22 @@ class Kind(NamedTuple):
     value_type: type[ExpressionValue]
     socket: type  # io.Custom socket type
     name: str  # input/output name
+    from_core: Callable | None = None  # reads core's FACE_LANDMARKS as this kind, where it carries one
+
+    def input(self, name: str, **options):
+        if self.from_core is None:
+            return self.socket.Input(name, **options)
+        return or_core_face_landmarks(self.socket, name, **options)
+
+    def read(self, value):
+        """The input's value as ``value_type`` (core's FACE_LANDMARKS converted); None stays None."""
+        return value if self.from_core is None or value is None else self.from_core(value)
 
 
 FLAME = Kind("FLAME", FlameExpression, FlameExpressionType, "expression")
-ARKIT = Kind("ARKit", ArkitBlendshapes, ArkitBlendshapesType, "blendshapes")
+ARKIT = Kind("ARKit", ArkitBlendshapes, ArkitBlendshapesType, "blendshapes", as_blendshapes)
 EMOTION = Kind("Emotion", Emotion, EmotionType, "emotion")
-LANDMARKS = Kind("Landmarks", Landmarks, FaceLandmarksType, "landmarks")
+LANDMARKS = Kind("Landmarks", Landmarks, FaceLandmarksType, "landmarks", as_landmarks)
 ALL_KINDS = (FLAME, ARKIT, EMOTION, LANDMARKS)
 PRESET_KINDS = (FLAME, ARKIT, EMOTION)
 
@@ -125,7 +143,7 @@ class ArkitBlendshapeEditor(io.ComfyNode):
             description="Edits MediaPipe's ARKit-style blendshape scores (0..1) by name; Left/Right are the "
                         "subject's sides.",
             inputs=[
-                ArkitBlendshapesType.Input("base", optional=True, tooltip="Blendshapes to start from; zeros if none"),
+                ARKIT.input("base", optional=True, tooltip="Blendshapes to start from; zeros if none"),
                 io.Combo.Input("mode", options=["offset", "set"], default="offset",
                                tooltip="offset: add each slider to the base (0 keeps it); set: every slider "
                                        "replaces the base's score"),
@@ -139,7 +157,7 @@ class ArkitBlendshapeEditor(io.ComfyNode):
     @classmethod
     def execute(cls, mode, base=None, **scores):
         check_numbers(cls, **scores)
-        return io.NodeOutput(edit_blendshapes(base, scores=scores, mode=mode))
+        return io.NodeOutput(edit_blendshapes(ARKIT.read(base), scores=scores, mode=mode))
 
 
 class ManualEmotion(io.ComfyNode):
@@ -213,7 +231,7 @@ class Neutralize(PerKindNode):
                  for toggle, part in cls.FLAME_PARTS.items()] if cls.kind is FLAME else []
         return cls.kind_schema("Moves an expression towards neutral (FLAME zeros, blendshapes zeros, emotion Neutral "
                                "with valence = arousal = 0).", [
-            cls.kind.socket.Input(cls.kind.name, tooltip="The value to move towards neutral (any number of rows)"),
+            cls.kind.input(cls.kind.name, tooltip="The value to move towards neutral (any number of rows)"),
             io.Float.Input("amount", default=1.0, min=0.0, max=1.0, step=0.05, tooltip="0 unchanged, 1 fully neutral"),
             *parts,
         ])
@@ -221,7 +239,7 @@ class Neutralize(PerKindNode):
     @classmethod
     def execute(cls, amount, **inputs):
         check_numbers(cls, amount=amount)
-        value = inputs[cls.kind.name]
+        value = cls.kind.read(inputs[cls.kind.name])
         parts = [part for toggle, part in cls.FLAME_PARTS.items() if inputs.get(toggle, True)]
         return io.NodeOutput(neutralize(value, amount, parts=None if len(parts) == 3 else parts))
 
@@ -233,8 +251,8 @@ class Interpolate(PerKindNode):
     def define_schema(cls):
         return cls.kind_schema("A batch of frames going from start to end along an easing curve (frame 0 is start, "
                           "the last is end): feed it to a batch of latents of the same size.", [
-            cls.kind.socket.Input("start", tooltip="Where the animation starts (one row)"),
-            cls.kind.socket.Input("end", tooltip="Where the animation ends (one row)"),
+            cls.kind.input("start", tooltip="Where the animation starts (one row)"),
+            cls.kind.input("end", tooltip="Where the animation ends (one row)"),
             io.Int.Input("frames", default=16, min=1, max=MAX_ROWS, tooltip="Number of frames (rows) to make"),
             io.Combo.Input("easing", options=list(EASINGS), default="linear",
                            tooltip="ease_in starts slowly, ease_out ends slowly, ease_in_out both"),
@@ -243,7 +261,7 @@ class Interpolate(PerKindNode):
     @classmethod
     def execute(cls, start, end, frames, easing):
         check_numbers(cls, frames=frames)
-        return io.NodeOutput(interpolate_frames(start, end, frames, easing))
+        return io.NodeOutput(interpolate_frames(cls.kind.read(start), cls.kind.read(end), frames, easing))
 
 
 class Keyframes(PerKindNode):
@@ -253,7 +271,7 @@ class Keyframes(PerKindNode):
     def define_schema(cls):
         return cls.kind_schema("A batch of frames through keyframes: row k of the input sits at the k-th frame number; "
                           "frames before the first and after the last hold still. Join rows with Expression Batch.", [
-            cls.kind.socket.Input("keyframes", tooltip="K rows, one per keyframe"),
+            cls.kind.input("keyframes", tooltip="K rows, one per keyframe"),
             io.String.Input("frames", default="0, 15", tooltip="K frame numbers, comma-separated, e.g. 0, 12, 30"),
             io.Int.Input("length", default=16, min=1, max=MAX_ROWS, tooltip="Number of frames (rows) to make"),
             io.Combo.Input("easing", options=list(EASINGS), default="linear", tooltip="Easing of each segment"),
@@ -262,7 +280,7 @@ class Keyframes(PerKindNode):
     @classmethod
     def execute(cls, keyframes, frames, length, easing):
         check_numbers(cls, length=length)
-        return io.NodeOutput(keyframes_from_rows(keyframes, frames, length, easing))
+        return io.NodeOutput(keyframes_from_rows(cls.kind.read(keyframes), frames, length, easing))
 
 
 class Smooth(PerKindNode):
@@ -272,7 +290,7 @@ class Smooth(PerKindNode):
     def define_schema(cls):
         return cls.kind_schema("Smooths per-frame values over time (rows in frame order), e.g. from a video, "
                           "against jitter.", [
-            cls.kind.socket.Input(cls.kind.name, tooltip="One row per frame"),
+            cls.kind.input(cls.kind.name, tooltip="One row per frame"),
             io.Combo.Input("method", options=list(SMOOTHING_METHODS), default="ema",
                            tooltip="ema: exponential moving average both ways (no lag); moving_average: box of "
                                    "'window' frames; savgol: Savitzky-Golay polynomial (keeps peaks)"),
@@ -285,7 +303,7 @@ class Smooth(PerKindNode):
     @classmethod
     def execute(cls, method, strength, window, order, **inputs):
         check_numbers(cls, strength=strength, window=window, order=order)
-        return io.NodeOutput(smooth_sequence(inputs[cls.kind.name], method, strength, window, order))
+        return io.NodeOutput(smooth_sequence(cls.kind.read(inputs[cls.kind.name]), method, strength, window, order))
 
 
 class Batch(PerKindNode):
@@ -294,15 +312,15 @@ class Batch(PerKindNode):
     @classmethod
     def define_schema(cls):
         return cls.kind_schema("Joins values into one batch, rows in input order (keyframes, or per-image values).", [
-            cls.kind.socket.Input("first", tooltip="Rows that come first"),
-            cls.kind.socket.Input("second", tooltip="Rows that follow"),
-            cls.kind.socket.Input("third", optional=True, tooltip="Optional: rows after the second"),
-            cls.kind.socket.Input("fourth", optional=True, tooltip="Optional: rows after the third"),
+            cls.kind.input("first", tooltip="Rows that come first"),
+            cls.kind.input("second", tooltip="Rows that follow"),
+            cls.kind.input("third", optional=True, tooltip="Optional: rows after the second"),
+            cls.kind.input("fourth", optional=True, tooltip="Optional: rows after the third"),
         ])
 
     @classmethod
     def execute(cls, first, second, third=None, fourth=None):
-        values = [value for value in (first, second, third, fourth) if value is not None]
+        values = [cls.kind.read(value) for value in (first, second, third, fourth) if value is not None]
         return io.NodeOutput(cls.kind.value_type.concat(values))
 
 
@@ -343,7 +361,7 @@ class SavePreset(io.ComfyNode):
                         "expression_adapters/presets/<kind>/<name>.json (load it with Load Expression Preset).",
             inputs=[
                 io.MultiType.Input("value", types=[kind.socket for kind in PRESET_KINDS],
-                                   tooltip="FLAME_EXPRESSION, ARKIT_BLENDSHAPES or EMOTION (all rows are saved)"),
+                                   tooltip="A FLAME expression, blendshapes or an emotion (all rows are saved)"),
                 io.String.Input("name", default="my_expression",
                                 tooltip="Letters, digits, spaces, '_', '-', '.'; no folders"),
                 io.Boolean.Input("overwrite", default=True, tooltip="Replace a preset of the same name"),
@@ -371,7 +389,7 @@ class BlendshapeChart(io.ComfyNode):
             display_name="Blendshape Chart",
             category=f"{CATEGORY}/previews",
             description="Bar chart of the 52 blendshape scores, one image per row.",
-            inputs=[ArkitBlendshapesType.Input("blendshapes", tooltip="One chart per row"),
+            inputs=[ARKIT.input("blendshapes", tooltip="One chart per row"),
                     io.Int.Input("width", default=512, min=256, max=2048, tooltip="Chart width in pixels")],
             outputs=[io.Image.Output(display_name="chart")],
         )
@@ -379,7 +397,7 @@ class BlendshapeChart(io.ComfyNode):
     @classmethod
     def execute(cls, blendshapes, width):
         check_numbers(cls, width=width)
-        return io.NodeOutput(blendshape_chart(blendshapes, width=width))
+        return io.NodeOutput(blendshape_chart(ARKIT.read(blendshapes), width=width))
 
 
 class FlameChart(io.ComfyNode):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
+from ..encoders.core_face_landmarks import as_landmarks
 from ..encoders.emotion import EMONET_CROP_SCALE, load_emonet, predict_emotion
 from ..encoders.face_crops import emojidiff_local_image
 from ..encoders.face_landmarks import (
@@ -34,6 +35,7 @@ from .types import (
     FaceLandmarksType,
     FlameExpressionType,
     SmirkModelType,
+    landmarks_input,
 )
 from .validation import check_choices, check_numbers
 
@@ -157,7 +159,7 @@ class SmirkExpression(io.ComfyNode):
                 io.Combo.Input("channel_order", options=["RGB", "BGR"], default="RGB",
                                tooltip="RGB is what SMIRK was trained on; BGR reproduces the Arc2Face Expression "
                                        "Adapter demo, which fed OpenCV's BGR frames"),
-                FaceLandmarksType.Input("landmarks", optional=True,
+                landmarks_input("landmarks", optional=True,
                                         tooltip="One row per image (or several rows for several faces of one "
                                                 "photo); used instead of the face landmarker"),
                 FaceLandmarkerType.Input("face_landmarker", optional=True,
@@ -179,6 +181,7 @@ class SmirkExpression(io.ComfyNode):
                 raise ValueError("SMIRK Expression needs the face's landmarks: connect 'landmarks' (Face Landmarks) "
                                  "or a 'face_landmarker' (Load MediaPipe Face Landmarker)")
             landmarks = face_landmarker.detect(image, face_index=face_index).landmarks
+        landmarks = as_landmarks(landmarks, face_index)
         expression, crops = encode_expression(helper_module(smirk_model), image, landmarks, channel_order=channel_order)
         return io.NodeOutput(expression, crops)
 
@@ -193,7 +196,7 @@ class LandmarkImage(io.ComfyNode):
             description="Draws the face contours (oval, brows, eyes, irises, nose, lips) on black, one colour per "
                         "region: FaceCrafter's landmark condition image (pose and expression).",
             inputs=[
-                FaceLandmarksType.Input("landmarks", tooltip="From Face Landmarks: one row per image"),
+                landmarks_input("landmarks", tooltip="From Face Landmarks: one row per image"),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8,
                              tooltip="Width of the landmark image in pixels (the generated image's width)"),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8,
@@ -218,7 +221,7 @@ class LandmarkImage(io.ComfyNode):
     def execute(cls, landmarks, width, height, fit, face_scale, palette, thickness, regions, mesh, points):
         check_numbers(cls, width=width, height=height, face_scale=face_scale, thickness=thickness)
         chosen = [name.strip() for name in regions.split(",") if name.strip()]
-        return io.NodeOutput(render_landmark_image(landmarks, height, width, regions=chosen, palette=palette,
+        return io.NodeOutput(render_landmark_image(as_landmarks(landmarks), height, width, regions=chosen, palette=palette,
                                                    thickness=thickness or None, fit=fit, face_scale=face_scale,
                                                    mesh=mesh, points=points))
 
@@ -234,7 +237,7 @@ class EmojiDiffLocalImage(io.ComfyNode):
                         "contour removed, cropped square for CLIP vision (then encode it with CLIP Vision Encode).",
             inputs=[
                 io.Image.Input("image", tooltip="The photo the landmarks came from (one per landmarks row)"),
-                FaceLandmarksType.Input("landmarks", tooltip="From Face Landmarks: one row per image"),
+                landmarks_input("landmarks", tooltip="From Face Landmarks: one row per image"),
                 io.Int.Input("size", default=224, min=32, max=1024, step=8, tooltip="Side of the crop (CLIP: 224)"),
                 io.Combo.Input("mode", options=["parts", "inner_face"], default="parts",
                                tooltip="parts: each part on its own; inner_face: one region around them all"),
@@ -257,7 +260,7 @@ class EmojiDiffLocalImage(io.ComfyNode):
     @classmethod
     def execute(cls, image, landmarks, size, mode, dilation, feather, margin, fill):
         check_numbers(cls, size=size, dilation=dilation, feather=feather, margin=margin, fill=fill)
-        local = emojidiff_local_image(image, landmarks, size=size, mode=mode, dilation=dilation, feather=feather,
+        local = emojidiff_local_image(image, as_landmarks(landmarks), size=size, mode=mode, dilation=dilation, feather=feather,
                                       margin=margin, fill=fill)
         return io.NodeOutput(local.images, local.masks, local.full_masks)
 
@@ -297,7 +300,7 @@ class EmotionFromImage(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="A photo or a batch"),
                 EmoNetType.Input("emonet", tooltip="From Load EmoNet"),
-                FaceLandmarksType.Input("landmarks", optional=True,
+                landmarks_input("landmarks", optional=True,
                                         tooltip="Crop around these landmarks; without them each image is taken "
                                                 "as a face crop already"),
                 io.Float.Input("crop_scale", default=EMONET_CROP_SCALE, min=1.0, max=3.0, step=0.05,
@@ -317,6 +320,7 @@ class EmotionFromImage(io.ComfyNode):
             raise ValueError(f"Emotion from Image: a {width}x{height} image is too small to be a face crop (at least "
                              f"{MIN_FACE_CROP} pixels a side; EmoNet reads 256x256 crops); connect landmarks to crop the "
                              "face from a photo")
+        landmarks = None if landmarks is None else as_landmarks(landmarks)
         emotion, crops = predict_emotion(helper_module(emonet), image, landmarks, scale=crop_scale)
         return io.NodeOutput(emotion, crops)
 
@@ -331,7 +335,7 @@ class LandmarksOverlay(io.ComfyNode):
             description="Draws the face contours and landmarks over the photos.",
             inputs=[
                 io.Image.Input("image", tooltip="The photos the landmarks came from"),
-                FaceLandmarksType.Input("landmarks", tooltip="One row per image, or several faces of one photo"),
+                landmarks_input("landmarks", tooltip="One row per image, or several faces of one photo"),
                 io.Combo.Input("palette", options=list(PALETTES), default="regions",
                                tooltip="regions: a colour per region; mediapipe: MediaPipe's contour style"),
                 io.Boolean.Input("points", default=True, tooltip="Draw every landmark as a dot"),
@@ -343,7 +347,7 @@ class LandmarksOverlay(io.ComfyNode):
     @classmethod
     def execute(cls, image, landmarks, palette, points, thickness):
         check_numbers(cls, thickness=thickness)
-        return io.NodeOutput(landmarks_overlay(image, landmarks, palette=palette, points=points,
+        return io.NodeOutput(landmarks_overlay(image, as_landmarks(landmarks), palette=palette, points=points,
                                                thickness=thickness or None))
 
 

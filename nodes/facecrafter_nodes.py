@@ -20,10 +20,11 @@ from ..adapters.facecrafter import (
     resize_landmark_images,
 )
 from ..adapters.rows import CONDITIONAL_KEY
+from ..encoders.core_face_landmarks import as_landmarks
 from ..encoders.landmark_pose import pose_sweep
 from .facecrafter_patch import SWITCHES_KEY, apply_facecrafter, facecrafter_applications
 from .model_folders import model_choices, model_file
-from .types import EmotionType, FaceCrafterType, FaceLandmarksType
+from .types import EmotionType, FaceCrafterType, FaceLandmarksType, landmarks_input
 from .validation import check_choices, check_numbers
 
 CATEGORY = "expression_adapters"
@@ -256,7 +257,7 @@ class LandmarkPoseEditor(io.ComfyNode):
                         "them in the frame: a pose for Landmark Image (FaceCrafter) without a pose photo. With frames > 1 "
                         "the angles sweep from the first to the *_end values over a batch.",
             inputs=[
-                FaceLandmarksType.Input("landmarks", tooltip="From Face Landmarks: one face, or one per frame"),
+                landmarks_input("landmarks", tooltip="From Face Landmarks: one face, or one per frame"),
                 io.Float.Input("yaw", default=0.0, **angle, tooltip="Degrees; > 0 turns the face toward the image's right"),
                 io.Float.Input("pitch", default=0.0, **angle, tooltip="Degrees; > 0 tilts the face up"),
                 io.Float.Input("roll", default=0.0, **angle, tooltip="Degrees; > 0 turns the face counter-clockwise"),
@@ -277,6 +278,7 @@ class LandmarkPoseEditor(io.ComfyNode):
     def execute(cls, landmarks, yaw, pitch, roll, scale, shift_x, shift_y, frames, yaw_end, pitch_end, roll_end):
         check_numbers(cls, yaw=yaw, pitch=pitch, roll=roll, scale=scale, shift_x=shift_x, shift_y=shift_y, frames=frames,
                       yaw_end=yaw_end, pitch_end=pitch_end, roll_end=roll_end)
+        landmarks = as_landmarks(landmarks)
         start = (yaw, pitch, roll)
         if frames == 1:
             frames, end = len(landmarks), start
