@@ -326,6 +326,18 @@ CFG_SWITCHES = {0: (1.0, 1.0), 1: (0.0, 0.0)}
 HOOK_SWITCHES = {COND: GUIDANCE_SWITCHES[1], UNCOND: GUIDANCE_SWITCHES[0]}
 
 
+def multi_condition_guidance(unconditional: torch.Tensor, with_id: torch.Tensor, with_modules, w_id: float,
+                             w_modules) -> torch.Tensor:
+    """Paper Eq. 6: eps_uncond + w_ID (eps_ID - eps_uncond) + sum over modules m of w_m (eps_ID+m - eps_ID).
+
+    ``with_modules`` and ``w_modules`` pair each module's prediction (ID+LMK, ID+EMO) with its weight; the
+    FaceCrafter Guider and training's previews both guide with it."""
+    guided = unconditional + w_id * (with_id - unconditional)
+    for prediction, weight in zip(with_modules, w_modules, strict=True):
+        guided = guided + weight * (prediction - with_id)
+    return guided
+
+
 def row_alphas(layout: RowLayout, switches: Mapping[int, tuple[float, float]], module: int,
                strength: float = 1.0) -> list[float]:
     """One alpha per row of ``layout``: its chunk's switch for ``module`` (0 LMK, 1 EMO) times ``strength``.

@@ -17,6 +17,7 @@ from ..adapters.facecrafter import (
     FaceCrafter,
     blank_rows,
     check_emotion,
+    multi_condition_guidance,
     resize_landmark_images,
 )
 from ..adapters.rows import CONDITIONAL_KEY
@@ -183,11 +184,12 @@ class FaceCrafterCFGGuider(comfy.samplers.CFGGuider):
         uncond, with_id, with_lmk, with_emo = comfy.samplers.calc_cond_batch(
             self.inner_model, [negative, positive, positive if use_lmk else None, positive if use_emo else None],
             x, timestep, options)
-        guided = uncond + self.w_id * (with_id - uncond)
-        if use_lmk:
-            guided = guided + self.w_lmk * (with_lmk - with_id)
-        if use_emo:
-            guided = guided + self.w_emo * (with_emo - with_id)
+        predictions, weights = [], []
+        for used, prediction, weight in ((use_lmk, with_lmk, self.w_lmk), (use_emo, with_emo, self.w_emo)):
+            if used:
+                predictions.append(prediction)
+                weights.append(weight)
+        guided = multi_condition_guidance(uncond, with_id, predictions, self.w_id, weights)
         hook_options = _with_transformer_options(model_options, {SWITCHES_KEY: HOOK_SWITCHES})
         for hook in model_options.get("sampler_post_cfg_function", []):
             guided = hook({"denoised": guided, "cond": positive, "uncond": negative, "cond_scale": self.w_id,

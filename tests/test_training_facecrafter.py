@@ -340,7 +340,7 @@ def test_joint_exports_load_in_comfyui_change_its_output_and_drive_the_guider(co
 
 
 def test_eq_6_on_hand_made_predictions():
-    from training.facecrafter_stages import multi_condition_guidance
+    from adapters.facecrafter import multi_condition_guidance
 
     uncond, with_id, with_lmk, with_emo = (torch.tensor([v]) for v in (0.0, 1.0, 3.0, 0.0))
     # 0 + 2.5 (1 - 0) + 2 (3 - 1) + 2 (0 - 1) = 4.5; LMK alone: 2.5 + 4 = 6.5

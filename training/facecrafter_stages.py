@@ -39,6 +39,7 @@ from adapters.facecrafter import (
     EmotionEncoderConfig,
     FaceCrafter,
     LandmarkEncoderConfig,
+    multi_condition_guidance,
 )
 from adapters.layers import SD15
 from encoders.arc2face_id import NEGATIVE_FILE
@@ -298,17 +299,6 @@ class FaceCrafterStage(Stage):
         module.crafter.save(path)
         if module.trains_id_encoder:
             save_id_encoder(module.text_model, self.negative, Path(path).parent / self.config["export"]["id_encoder_folder"])
-
-
-def multi_condition_guidance(unconditional, with_id, with_modules, w_id: float, w_modules) -> torch.Tensor:
-    """FaceCrafter Eq. 6: eps_uncond + w_ID (eps_ID - eps_uncond) + sum over modules w_m (eps_ID+m - eps_ID).
-
-    The same formula as the FaceCrafter Guider node (nodes/facecrafter_nodes.py), which keeps its own copy
-    inside ComfyUI's guider; training cannot import nodes/."""
-    guided = unconditional + w_id * (with_id - unconditional)
-    for prediction, weight in zip(with_modules, w_modules, strict=True):
-        guided = guided + weight * (prediction - with_id)
-    return guided
 
 
 def save_id_encoder(text_model, negative: torch.Tensor, folder: Path) -> None:
