@@ -87,33 +87,50 @@ def _face_rows(face: Mapping, height: int, width: int, frame: int):
     return landmarks, np.clip(blendshapes, 0.0, 1.0), matrix
 
 
-def read_core_face_landmarks(value: Mapping, face_index: int = 0) -> FaceLandmarkerResult:
-    """Our landmarks, blendshapes and matrices, one row per frame of core's ``FACE_LANDMARKS``."""
+def _frames(value: Mapping) -> tuple[tuple[int, int], list]:
     if not is_core_face_landmarks(value):
         raise ValueError("core face landmarks: expected a dict with 'frames' and 'image_size' (the output of "
                          "Detect Face Landmarks (MediaPipe))")
     size = tuple(int(v) for v in value["image_size"])
     if len(size) != 2 or min(size) <= 0:
         raise ValueError(f"core face landmarks: image_size must be (height, width), positive; got {value['image_size']}")
-    height, width = size
     frames = list(value["frames"])
     if not frames:
         raise ValueError("core face landmarks: no frames")
-    rows, missing = [], []
-    for frame, faces in enumerate(frames):
-        faces = list(faces or [])
-        order = sorted(range(len(faces)), key=lambda i: -_area(faces[i], frame))
-        if face_index >= len(order):
-            missing.append(frame + 1)
-            continue
-        rows.append(_face_rows(faces[order[face_index]], height, width, frame))
+    return size, frames
+
+
+def _frame_rows(faces, frame: int, face_index: int, size: tuple[int, int]):
+    """Face ``face_index`` (largest first) of one frame as our rows, or None when the frame has fewer faces."""
+    faces = list(faces or [])
+    order = sorted(range(len(faces)), key=lambda i: -_area(faces[i], frame))
+    return _face_rows(faces[order[face_index]], *size, frame) if face_index < len(order) else None
+
+
+def _result(rows: list, size: tuple[int, int]) -> FaceLandmarkerResult:
+    stack = [torch.from_numpy(np.stack([row[k] for row in rows])).float() for k in range(3)]
+    return FaceLandmarkerResult(Landmarks(stack[0], image_size=size), ArkitBlendshapes(stack[1]), stack[2],
+                                [True] * len(rows))
+
+
+def read_core_face_landmarks(value: Mapping, face_index: int = 0) -> FaceLandmarkerResult:
+    """Our landmarks, blendshapes and matrices, one row per frame of core's ``FACE_LANDMARKS``."""
+    size, frames = _frames(value)
+    rows = [_frame_rows(faces, frame, face_index, size) for frame, faces in enumerate(frames)]
+    missing = [frame + 1 for frame, row in enumerate(rows) if row is None]
     if missing:
         raise NoFaceFound(f"no face {face_index} (largest first, from 0) in frame(s) {missing} of the face landmarks "
                           f"(of {len(frames)}, counting from 1). For video with dropped frames, use our Face Landmarks "
                           "node with on_missing = previous")
-    stack = [torch.from_numpy(np.stack([row[k] for row in rows])).float() for k in range(3)]
-    return FaceLandmarkerResult(Landmarks(stack[0], image_size=size), ArkitBlendshapes(stack[1]), stack[2],
-                                [True] * len(rows))
+    return _result(rows, size)
+
+
+def read_each(value: Mapping, face_index: int = 0) -> list[FaceLandmarkerResult | None]:
+    """One single-frame result per frame, None where the frame has no face ``face_index`` (as
+    ``FaceLandmarker.detect_each``: scoring generated pictures, where a failed one has no face)."""
+    size, frames = _frames(value)
+    rows = [_frame_rows(faces, frame, face_index, size) for frame, faces in enumerate(frames)]
+    return [None if row is None else _result([row], size) for row in rows]
 
 
 def as_landmarks(value, face_index: int = 0) -> Landmarks:

@@ -18,10 +18,11 @@ from comfy_api.latest import io
 from ..adapters.checkpoints import E_ADAPTER_FILE, adapter_file_kind
 from ..adapters.e_adapter import EAdapter
 from ..adapters.layers import LAYER_SETS
+from ..encoders.core_face_landmarks import read_core_face_landmarks, read_each
 from ..encoders.expression_metrics import expression_scores
 from ..encoders.previews import score_table
 from .e_adapter_patch import apply_e_adapter
-from .types import ArcFaceEmbeddingType, EAdapterType, FaceLandmarkerType
+from .types import ArcFaceEmbeddingType, CoreFaceLandmarksType, EAdapterType, FaceLandmarkerType
 from .validation import check_choices, check_numbers
 
 CATEGORY = "expression_adapters"
@@ -174,6 +175,23 @@ def scores_feed_other_nodes(hidden) -> bool:
                for node in prompt.values() for value in node.get("inputs", {}).values())
 
 
+def faces_of(images, core_faces, face_landmarker, face_index: int, name: str, each: bool = False):
+    """The faces of ``images`` from core's FACE_LANDMARKS when given, else found by our face landmarker;
+    ``each``: one result per image, None where it has no face."""
+    if core_faces is None:
+        if face_landmarker is None:
+            raise ValueError(f"Expression Scores: connect a face_landmarker, or {name}_faces (core's Detect Face "
+                             f"Landmarks on the {name} images)")
+        return face_landmarker.detect_each(images, face_index) if each else face_landmarker.detect(images, face_index=face_index)
+    results = read_each(core_faces, face_index) if each else read_core_face_landmarks(core_faces, face_index)
+    frames = len(results) if each else len(results.landmarks)
+    size = next((r.landmarks.image_size for r in results if r is not None), None) if each else results.landmarks.image_size
+    if frames != images.shape[0] or size not in (None, tuple(images.shape[1:3])):
+        raise ValueError(f"Expression Scores: {name}_faces were found on {frames} frames of {size}, the {name} images "
+                         f"are {images.shape[0]} of {tuple(images.shape[1:3])} (height, width); detect on the same images")
+    return results
+
+
 class ExpressionScores(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -188,10 +206,17 @@ class ExpressionScores(io.ComfyNode):
             inputs=[
                 io.Image.Input("reference", tooltip="The expression photo: one for all generated images, or one per image"),
                 io.Image.Input("generated", tooltip="Generated images"),
-                FaceLandmarkerType.Input("face_landmarker", tooltip="From Load MediaPipe Face Landmarker: finds the "
-                                                                    "blendshapes and landmarks the scores compare"),
+                FaceLandmarkerType.Input("face_landmarker", optional=True,
+                                         tooltip="From Load MediaPipe Face Landmarker: finds the blendshapes and "
+                                                 "landmarks the scores compare (not needed where *_faces are given)"),
                 io.Int.Input("face_index", default=0, min=0, max=19,
                              tooltip="Which face of each picture: numbered by size, largest first, from 0"),
+                CoreFaceLandmarksType.Input("reference_faces", optional=True,
+                                            tooltip="Core's Detect Face Landmarks (MediaPipe) on the reference, "
+                                                    "instead of the face landmarker"),
+                CoreFaceLandmarksType.Input("generated_faces", optional=True,
+                                            tooltip="Core's Detect Face Landmarks (MediaPipe) on the generated images, "
+                                                    "instead of the face landmarker"),
             ],
             outputs=[
                 io.Float.Output(display_name="exp_mean", tooltip="Exp averaged over the images (mean over blendshapes)"),
@@ -204,14 +229,15 @@ class ExpressionScores(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, reference, generated, face_landmarker, face_index):
+    def execute(cls, reference, generated, face_index, face_landmarker=None, reference_faces=None, generated_faces=None):
         count = generated.shape[0]
         if reference.shape[0] not in (1, count):
             raise ValueError(f"{reference.shape[0]} reference images for {count} generated images: give one reference, "
                              "or one per image")
-        ref = face_landmarker.detect(reference, face_index=face_index)
+        ref = faces_of(reference, reference_faces, face_landmarker, face_index, "reference")
         # a generated picture without a face (a failed generation) gets no score instead of stopping the run
-        found = {i: result for i, result in enumerate(face_landmarker.detect_each(generated, face_index)) if result is not None}
+        each = faces_of(generated, generated_faces, face_landmarker, face_index, "generated", each=True)
+        found = {i: result for i, result in enumerate(each) if result is not None}
         if not found and scores_feed_other_nodes(cls.hidden):  # NaN would flow on: no other output of the pack gives NaN
             raise ValueError(f"Expression Scores: none of the {count} generated images shows a face (face_index "
                              f"{face_index}), so there is no score for the nodes its score outputs feed; look at the "

@@ -53,9 +53,6 @@ def core_face(points, categories, matrix, height: int, width: int) -> dict:
 @pytest.fixture(scope="module")
 def two_faces(mediapipe_task):
     """One 256 x 512 picture holding two real faces (the right one made smaller), and core's dict for it."""
-    import mediapipe as mp
-    from mediapipe.tasks.python import vision
-
     detected = detect_t1_faces(mediapipe_task)
     if detected is None:
         pytest.skip("shared test data t1_faces.npz not found")
@@ -66,16 +63,26 @@ def two_faces(mediapipe_task):
     picture[:, :256] = left
     picture[28:228, 284:484] = right
     picture = picture.unsqueeze(0)
-    options = vision.FaceLandmarkerOptions(base_options=mp.tasks.BaseOptions(model_asset_path=str(mediapipe_task)),
+    core = detect_core_faces(picture, mediapipe_task)
+    assert len(core["frames"][0]) == 2
+    return picture, core
+
+
+def detect_core_faces(picture: torch.Tensor, task_path) -> dict:
+    """Core's FACE_LANDMARKS for a one-image batch, from the real model's own output (up to two faces)."""
+    import mediapipe as mp
+    from mediapipe.tasks.python import vision
+
+    options = vision.FaceLandmarkerOptions(base_options=mp.tasks.BaseOptions(model_asset_path=str(task_path)),
                                            num_faces=2, output_face_blendshapes=True,
                                            output_facial_transformation_matrixes=True)
     frame = (picture[0] * 255).round().to(torch.uint8).numpy()
     with vision.FaceLandmarker.create_from_options(options) as task:
         result = task.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(frame)))
-    assert len(result.face_landmarks) == 2
-    faces = [core_face(*parts, 256, 512) for parts in zip(result.face_landmarks, result.face_blendshapes,
-                                                          result.facial_transformation_matrixes)]
-    return picture, {"frames": [faces], "image_size": (256, 512), "connection_sets": {}}
+    height, width = frame.shape[:2]
+    faces = [core_face(*parts, height, width) for parts in zip(result.face_landmarks, result.face_blendshapes,
+                                                                result.facial_transformation_matrixes)]
+    return {"frames": [faces], "image_size": (height, width), "connection_sets": {}}
 
 
 def test_similarity_scale_is_the_scale_of_a_turned_scaled_shifted_copy():
@@ -190,3 +197,26 @@ def test_nodes_given_cores_dict_give_what_they_give_for_ours(comfy, two_faces):
                        if issubclass(node, control.Interpolate) and node.kind is control.LANDMARKS)
     frames = interpolate.execute(start=core, end=landmarks, frames=3, easing="linear").args[0]
     assert torch.equal(frames.values, landmarks.values.repeat(3, 1, 1))
+
+
+@pytest.mark.comfyui
+def test_expression_scores_from_cores_faces_equal_the_face_landmarkers(comfy, two_faces, mediapipe_task):
+    scores = comfy.pack.nodes.e_adapter_nodes.ExpressionScores
+    picture, core = two_faces
+    # the reference is the picture; the generated batch its mirror image (other scores than 0) and a grey
+    # frame without a face
+    mirrored = picture.flip(2)
+    generated = torch.cat([mirrored, torch.full_like(picture, 0.5)])
+    generated_faces = {**core, "frames": [detect_core_faces(mirrored, mediapipe_task)["frames"][0], []]}
+    with FaceLandmarker(mediapipe_task) as landmarker:
+        for face_index in (0, 1):
+            ours = scores.execute(reference=picture, generated=generated, face_index=face_index,
+                                  face_landmarker=landmarker).args
+            theirs = scores.execute(reference=picture, generated=generated, face_index=face_index,
+                                    reference_faces=core, generated_faces=generated_faces).args
+            assert min(ours[:3]) > 0.001 and theirs[:3] == pytest.approx(ours[:3], rel=1e-5)
+            assert "image 2: no face" in theirs[3] and "image 2: no face" in ours[3]
+    with pytest.raises(ValueError, match=r"generated_faces were found on 1 frames .* the generated images are 2"):
+        scores.execute(reference=picture, generated=generated, face_index=0, reference_faces=core, generated_faces=core)
+    with pytest.raises(ValueError, match="connect a face_landmarker, or reference_faces"):
+        scores.execute(reference=picture, generated=generated, face_index=0, generated_faces=generated_faces)
