@@ -17,8 +17,10 @@ Metrics (see :mod:`training.metrics`): ID similarity (needs --insightface), 3D E
 weights; computed by torchmetrics), LIQE (--liqe-weights with pyiqa). FaceCrafter's columns: Exp-RMSE
 (SMIRK), Pose-RMSE (MediaPipe head pose), V/A/Dist-RMSE and Class-ACC (--emonet); ID-only diversity
 (LPIPS with --lpips-backbone, std of expression and pose) over entries sharing an ``identity``.
-``--paper-table emojidiff|facecrafter|facecrafter-diversity`` prints the paper's rows beside ours, and ID similarity
-then uses that paper's recogniser (``training.paper_tables.PAPER_RECOGNIZERS``) unless --recognizer names another.
+``--paper-table arc2face|emojidiff|facecrafter|...`` prints the paper's rows beside ours in the same columns, and the
+paper's evaluation protocol (identities, expressions per identity, sampler, steps, guidance) beside this run's counts
+(``python -m training.benchmarks`` builds each protocol's targets from your images); ID similarity then uses that
+paper's recogniser (``training.paper_tables.PAPER_RECOGNIZERS``) unless --recognizer names another.
 A metric whose model is not given is left out, with a note. Writes ``per_sample.csv``,
 ``summary.json`` and prints a summary table.
 """
@@ -382,10 +384,13 @@ def parse_args(argv=None):
     parser.add_argument("--liqe-weights", help="pyiqa's LIQE weights file (EmojiDiff's IQ column; needs pip install pyiqa)")
     parser.add_argument("--lpips-backbone", help="torchvision alexnet weights file (LPIPS diversity between samples "
                         "of one identity; entries name their identity with 'identity' or 'identity_image')")
-    parser.add_argument("--paper-table", choices=("emojidiff", "emojidiff-anime", "emojidiff-painting", "emojidiff-stages",
-                                                  "facecrafter", "facecrafter-diversity"),
-                        help="print the paper's Table 1 rows (emojidiff-stages: EmojiDiff's Tables 2-3; facecrafter-diversity: "
-                             "FaceCrafter's Table 2) beside ours, with what differs in our metrics")
+    from .paper_tables import TABLES
+
+    parser.add_argument("--paper-table", choices=tuple(TABLES),
+                        help="print the paper's Table 1 rows (arc2face-reference/-ablation: Arc2Face-Exp's Tables 2/3; "
+                             "emojidiff-stages: EmojiDiff's Tables 2-3; facecrafter-diversity: FaceCrafter's Table 2) "
+                             "beside ours in the same columns, with the paper's evaluation protocol beside this run's "
+                             "and what differs in our metrics")
     parser.add_argument("--pair-by", choices=("name", "order"), default="name")
     parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--det-size", type=int, default=640)
@@ -401,10 +406,10 @@ def main(argv=None) -> dict:
                        args.paper_table)
     print(format_table(summary))
     if args.paper_table:
-        from .paper_tables import paper_table
+        from .paper_tables import describe_run, paper_table
 
         print()
-        print(paper_table(args.paper_table, summary))
+        print(paper_table(args.paper_table, summary, describe_run(load_targets(args.targets))))
     for note in summary["notes"]:
         print(f"note: {note}", file=sys.stderr)
     return summary
