@@ -73,8 +73,11 @@ def write_video(path: Path, picture) -> None:
 class ComfyServer:
     """``python main.py`` of a ComfyUI checkout, with this pack, in a throw-away base directory."""
 
-    def __init__(self, comfyui: Path, base: Path, input_files=("arc2face_person.jpg",), model_files=(), custom_nodes=()):
-        """``custom_nodes``: other packs' folders, linked into the server's custom_nodes beside this pack."""
+    def __init__(self, comfyui: Path, base: Path, input_files=("arc2face_person.jpg",), model_files=(), custom_nodes=(),
+                 front_end_root: Path | None = None):
+        """``custom_nodes``: other packs' folders, linked into the server's custom_nodes beside this pack.
+        ``front_end_root``: the static files of another frontend build to serve (ComfyUI's ``--front-end-root``)
+        instead of the one ComfyUI's requirements pin."""
         self.comfyui = Path(comfyui)
         self.base = Path(base)
         self.port = free_port()
@@ -83,6 +86,7 @@ class ComfyServer:
         self.input_files = input_files
         self.model_files = model_files
         self.custom_nodes = [Path(folder).resolve() for folder in custom_nodes]
+        self.front_end_root = front_end_root
         self.process: subprocess.Popen | None = None
 
     def _prepare(self) -> None:
@@ -131,6 +135,8 @@ class ComfyServer:
         self._prepare()
         command = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port), "--cpu",
                    "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
+        if self.front_end_root is not None:
+            command += ["--front-end-root", str(self.front_end_root)]
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + float(os.environ.get("COMFYUI_START_TIMEOUT", 300))
@@ -223,6 +229,10 @@ class Frontend:
             });
         }""")
 
+    def version(self) -> str:
+        """The version of the frontend this page runs, as it reports itself."""
+        return self.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+
     def graph_to_prompt(self) -> dict:
         return self.page.evaluate("async () => (await window.app.graphToPrompt()).output")
 
@@ -231,6 +241,18 @@ class Frontend:
 
     def dialogs(self) -> list[str]:
         return [text for text in self.page.locator(".p-dialog").all_inner_texts() if text.strip()]
+
+    def issues(self) -> list[str]:
+        """The "N issues found" overlay by which newer frontends (1.58.1) report missing nodes, models and inputs
+        where 1.27.10 opens dialogs."""
+        return [text for text in self.page.locator("[data-testid='error-overlay']").all_inner_texts() if text.strip()]
+
+    def issue_details(self, group: str) -> str:
+        """Opens the issues overlay's details and returns one group's text (``missing-node``, ``missing-model``...)."""
+        self.page.locator("[data-testid='error-overlay-see-errors']").click()
+        details = self.page.locator(f"[data-testid='error-group-{group}']")
+        details.wait_for(timeout=30_000)
+        return details.inner_text()
 
     def close_dialogs(self) -> None:
         self.page.keyboard.press("Escape")

@@ -10,6 +10,11 @@ example once, with its thumbnail, and each opens. The server has the other packs
 server without them shows what a user without such a pack sees: ComfyUI's own missing-node dialog, naming the
 pack's nodes.
 
+Every test runs against two frontends: the one ComfyUI's requirements pin (1.27.10 for ComfyUI 0.3.64) and the newer
+build that ``.ci/run`` fetches from PyPI (``comfyui-frontend-package`` 1.58.1, unzipped into the folder that
+``EXPRESSION_ADAPTERS_FRONTEND`` names), which the server serves with ``--front-end-root``; the page must report the
+version expected.
+
 Console errors while the page starts (``user.css`` and empty user-data 404s, the release check that
 cannot reach the internet) come from the stock ComfyUI frontend on a fresh user folder, not from this
 pack; the test records console errors from the moment a workflow is loaded.
@@ -17,6 +22,8 @@ pack; the test records console errors from the moment a workflow is loaded.
 
 from __future__ import annotations
 
+import copy
+import importlib.metadata
 import json
 import os
 import urllib.request
@@ -61,17 +68,57 @@ def api_form(name: str) -> dict:
 
 
 WITH_OTHER_PACKS = [name for name in UI_WORKFLOWS if packs_for(api_form(name))]
+FRONTEND_PACKAGE = "comfyui-frontend-package"
+# Widgets a frontend adds to ComfyUI's own nodes for display only; the server declares no such input and never
+# reads it. graphToPrompt() of 1.27.10 gives PreviewAny's text box as "preview": "", that of 1.58.1 leaves it out.
+DISPLAY_ONLY = {("PreviewAny", "preview")}
 
 
-@pytest.fixture(scope="module")
-def frontend(tmp_path_factory):
+def frontend_build(which: str) -> tuple[str, Path | None]:
+    """The version of the ``pinned`` frontend or the ``newest`` one, and the static folder to serve (None: the
+    server's own)."""
+    if which == "pinned":
+        return importlib.metadata.version(FRONTEND_PACKAGE), None
+    folder = os.environ.get("EXPRESSION_ADAPTERS_FRONTEND")
+    if not folder:
+        _unavailable("EXPRESSION_ADAPTERS_FRONTEND is unset: it names the unzipped comfyui-frontend-package wheel of "
+                     "the newer frontend (.ci/run fetches 1.58.1 from PyPI)")
+    wheel = next(iter(importlib.metadata.distributions(name=FRONTEND_PACKAGE, path=[folder])), None)
+    if wheel is None:
+        _unavailable(f"EXPRESSION_ADAPTERS_FRONTEND={folder} holds no unzipped {FRONTEND_PACKAGE} wheel")
+    return wheel.version, Path(folder) / "comfyui_frontend_package" / "static"
+
+
+def without_display_only(prompt: dict, object_info: dict) -> dict:
+    """``prompt`` less the DISPLAY_ONLY widgets of ComfyUI's own nodes, after checking the server declares none."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        for class_type, name in DISPLAY_ONLY:
+            if node["class_type"] == class_type:
+                declared = object_info[class_type]["input"]
+                assert name not in {**declared.get("required", {}), **declared.get("optional", {})}
+                node["inputs"].pop(name, None)
+    return prompt
+
+
+def assert_gives_api_form(frontend, name: str) -> None:
+    """graphToPrompt() is exactly the shipped API form, but for DISPLAY_ONLY widgets, which frontends differ on."""
+    object_info = frontend.server.object_info
+    assert without_display_only(frontend.graph_to_prompt(), object_info) == without_display_only(api_form(name),
+                                                                                                 object_info)
+
+
+@pytest.fixture(scope="module", params=["pinned", "newest"])
+def frontend(request, tmp_path_factory):
     comfyui, executable = comfyui_and_chromium()
+    version, front_end_root = frontend_build(request.param)
     base = tmp_path_factory.mktemp("comfyui_base")
     packs_folder = tmp_path_factory.mktemp("other_packs")
     packs = [extract(tarball, packs_folder) for tarball in sorted({tarball for name in WITH_OTHER_PACKS
                                                                    for tarball in packs_for(api_form(name))})]
     with ComfyServer(comfyui, base, input_files=workflow_input_files(), model_files=workflow_model_files(),
-                     custom_nodes=packs) as server, Frontend(server, executable) as page:
+                     custom_nodes=packs, front_end_root=front_end_root) as server, Frontend(server, executable) as page:
+        assert page.version() == version
         yield page
 
 
@@ -81,8 +128,9 @@ def frontend_without_other_packs(frontend, tmp_path_factory):
     page of ``frontend``'s browser."""
     base = tmp_path_factory.mktemp("comfyui_base_without_other_packs")
     with ComfyServer(frontend.server.comfyui, base, input_files=workflow_input_files(),
-                     model_files=workflow_model_files()) as server, \
+                     model_files=workflow_model_files(), front_end_root=frontend.server.front_end_root) as server, \
             Frontend(server, frontend.executable, browser=frontend.browser) as page:
+        assert page.version() == frontend.version()
         yield page
 
 
@@ -119,6 +167,7 @@ def test_workflow_loads_readably_and_gives_its_api_form(frontend, name):
     workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
     frontend.load_workflow(workflow, name)
     assert frontend.dialogs() == [], "a dialog opened on load (missing nodes?)"
+    assert frontend.issues() == [], "issues found on load (missing nodes, models or inputs?)"
     assert frontend.error_toasts() == []
     assert frontend.console_errors == []
 
@@ -129,8 +178,7 @@ def test_workflow_loads_readably_and_gives_its_api_form(frontend, name):
         for b in boxes[i + 1:]:
             assert not overlaps(a["box"], b["box"]), f"{a['title']!r} {a['box']} overlaps {b['title']!r} {b['box']}"
 
-    expected = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-    assert frontend.graph_to_prompt() == expected
+    assert_gives_api_form(frontend, name)
 
     frontend.screenshot(ARTIFACTS / f"{name}.png", clip=frontend.fit_view())
 
@@ -142,6 +190,8 @@ def test_workflow_fits_comfyuis_node_definitions(frontend, name):
 
 
 def test_templates_browser_lists_each_example_once_with_a_thumbnail_and_opens_it(frontend):
+    from playwright.sync_api import expect
+
     server = frontend.server
     assert sorted(server.get_json("/workflow_templates")[PACK_FOLDER]) == UI_WORKFLOWS
     page = frontend.page
@@ -151,9 +201,15 @@ def test_templates_browser_lists_each_example_once_with_a_thumbnail_and_opens_it
             assert response.headers["Content-Type"] == "image/jpeg" and len(response.read()) > 1000
 
         page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        dialog = page.locator("[data-testid='template-workflows-content']")
-        dialog.wait_for(timeout=30_000)
+        # the dialog around the templates: its category list is inside the content in 1.27.10, beside it in 1.58.1
+        content = page.locator("[data-testid='template-workflows-content']")
+        content.wait_for(timeout=30_000)
+        dialog = page.get_by_role("dialog").filter(has=content)
         dialog.get_by_text(PACK_FOLDER, exact=True).first.click()
+        cards = dialog.locator("[data-testid^='template-workflow-']")
+        expect(cards).to_have_count(len(UI_WORKFLOWS), timeout=30_000)  # our category alone, each example once
+        assert sorted(cards.evaluate_all("cards => cards.map(card => card.dataset.testid)")) == \
+            [f"template-workflow-{each}" for each in UI_WORKFLOWS]
         card = dialog.locator(f"[data-testid='template-workflow-{name}']")
         thumbnail = card.locator(f"img[alt='{name}']")
         thumbnail.wait_for(timeout=30_000)
@@ -164,21 +220,28 @@ def test_templates_browser_lists_each_example_once_with_a_thumbnail_and_opens_it
                                arg=len(json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]), timeout=30_000)
         page.wait_for_timeout(500)
         assert frontend.error_toasts() == [] and frontend.console_errors == []
-        assert frontend.graph_to_prompt() == json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+        assert_gives_api_form(frontend, name)
         frontend.close_dialogs()
 
 
 @pytest.mark.parametrize("name", WITH_OTHER_PACKS)
 def test_without_the_other_pack_comfyuis_missing_node_dialog_names_its_nodes(frontend_without_other_packs, name):
-    """What a user without the pack sees on opening the example: ComfyUI's own "Some Nodes Are Missing" dialog,
-    listing each node type of the other pack the workflow uses, and none of this pack's or ComfyUI's."""
+    """What a user without the pack sees on opening the example: ComfyUI's own "Some Nodes Are Missing" dialog
+    (1.27.10), or its "issues found" overlay whose details list "Missing Node Packs" (1.58.1), naming each node
+    type of the other pack the workflow uses, and none of this pack's or ComfyUI's."""
     page = frontend_without_other_packs
     page.load_workflow(json.loads((WORKFLOWS / f"{name}.json").read_text()), name)
-    dialogs = page.dialogs()
+    dialogs, issues = page.dialogs(), page.issues()
+    if page.server.front_end_root is None:  # the pinned frontend
+        assert issues == [] and len(dialogs) == 1 and "Some Nodes Are Missing" in dialogs[0], dialogs
+        report = dialogs[0]
+    else:
+        assert dialogs == [] and len(issues) == 1, (dialogs, issues)
+        report = page.issue_details("missing-node")
+        assert "Missing Node Packs" in report
     page.close_dialogs()
-    assert len(dialogs) == 1 and "Some Nodes Are Missing" in dialogs[0], dialogs
     prompt = api_form(name)
     missing = other_pack_nodes(prompt)
     assert missing
-    listed = {node["class_type"] for node in prompt.values() if node["class_type"] in dialogs[0]}
-    assert listed == missing, dialogs[0]
+    listed = {node["class_type"] for node in prompt.values() if node["class_type"] in report}
+    assert listed == missing, report
