@@ -172,7 +172,7 @@ def test_sdxl_stage_trains_the_expression_layers_with_crop_time_ids(demo, idi_sh
 
 
 def test_random_resized_crops_put_the_crop_in_the_time_ids():
-    from training.emojidiff_stages import random_resized_crops
+    from training.stages.emojidiff import random_resized_crops
 
     source = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     (cropped,), time_ids = random_resized_crops([source], (0.25, 0.25), torch.Generator().manual_seed(0), 64)

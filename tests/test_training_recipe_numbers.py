@@ -25,7 +25,7 @@ def stage_config(name):
 
 @pytest.mark.parametrize("name", ["emojidiff_ica_sd15.yaml", "emojidiff_ica_sdxl.yaml", "emojidiff_ica_smoke.yaml"])
 def test_ica_total_is_l_sd_plus_0_08_l_id_plus_10_l_exp(name):
-    from training.emojidiff_stages import EmojiDiffICAStage
+    from training.stages.emojidiff import EmojiDiffICAStage
 
     config = stage_config(name)
     terms = {"loss_sd": torch.tensor(1.5), "loss_id": torch.tensor(0.25), "loss_exp": torch.tensor(0.125)}
@@ -55,8 +55,8 @@ def test_stage_configs_carry_the_papers_adam_settings(name, lr, beta1, beta2, de
 
 
 def test_ad_weight_0_0005_on_a_hand_computed_attention_map():
-    from training.facecrafter_stages import FaceCrafterStage
     from training.mixed_conditioning import MixedRows
+    from training.stages.facecrafter import FaceCrafterStage
 
     fc = stage_config("facecrafter_joint.yaml")["facecrafter"]
     # one example, rows ID and ID+LMK (one AD pair), 4 tokens (a 2 x 2 grid) x 2 channels

@@ -60,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
         "expression_adapter": None,  # the trained Expression Adapter (frozen in this stage)
         "pair_window_seconds": 2.0,
     },
-    # EmojiDiff's E-Adapter stages (training/emojidiff_stages.py; spec A2).
+    # EmojiDiff's E-Adapter stages (training/stages/emojidiff.py; spec A2).
     "emojidiff": EMOJIDIFF_DEFAULTS,
     "idi": IDI_DEFAULTS,
     "facecrafter": FACECRAFTER_DEFAULTS,

@@ -1,7 +1,7 @@
 """Config defaults and checks of FaceCrafter's stages (``facecrafter_lmk``, ``facecrafter_emo``, ``facecrafter_joint``).
 
 Pure Python, so :mod:`training.config` reads it without importing torch. What the paper leaves
-open (spec B3) is marked CHOICE here and in ``training/facecrafter_stages.py``.
+open (spec B3) is marked CHOICE here and in ``training/stages/facecrafter.py``.
 """
 
 from __future__ import annotations

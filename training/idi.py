@@ -38,12 +38,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import stages  # noqa: F401 - the stage registry (config validation)
 from .annotate import LatentAnnotator, LocalImageAnnotator, Sample
 from .config import Config, load_config
 from .data import ShardDataset
 from .demo_data import ensure_demo_data
-from .emojidiff_stages import (
+from .metrics import exp_mean, idi_keep, lms_score
+from .models import load_host_models
+from .pair_samplers import same_person_other_expression, sample_table
+from .prepare import Options, encode_sample, finish
+from .shards import ShardWriter, load_index, shard_name, sidecar_path, write_json_atomic
+from .stages.emojidiff import (
     PromptEncoder,
     e_adapter_tokens,
     frozen,
@@ -51,11 +55,6 @@ from .emojidiff_stages import (
     merge_lora,
     named_branches,
 )
-from .metrics import exp_mean, idi_keep, lms_score
-from .models import load_host_models
-from .pair_samplers import same_person_other_expression, sample_table
-from .prepare import Options, encode_sample, finish
-from .shards import ShardWriter, load_index, shard_name, sidecar_path, write_json_atomic
 
 logger = logging.getLogger("training.idi")
 FIELDS = ("faceid", "clip_image", "landmarks", "blendshapes")

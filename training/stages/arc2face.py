@@ -1,8 +1,5 @@
-"""Training stages: each is a small class that turns a batch into a loss and exports its result.
-
-A stage owns the trainable module (what accelerate wraps and the optimizer updates), names the
-data fields it needs, computes the loss with an explicit random generator (so a resumed run
-draws the same noise), and writes the final file in the format the ComfyUI nodes load.
+"""The Expression Adapter's two training stages on the frozen Arc2Face UNet (paper §3.4): the adapter
+(``expression_adapter``), then the Reference Adapter's LoRA with the adapter frozen (``reference_lora``).
 """
 
 from __future__ import annotations
@@ -14,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.diffusers_host import ReferenceBank, attach_adapters
-from adapters.expression_adapter import FLAME_DIM, ExpressionAdapter
+from adapters.expression_adapter import ExpressionAdapter
 
-from .data import PairDataset, ShardDataset
-from .models import HostModels, build_expression_adapter, unet_layout
+from ..data import PairDataset
+from ..models import HostModels, build_expression_adapter, unet_layout
+from .base import DenoisingStage
 
 
 class AdapterDenoiser(nn.Module):
@@ -40,37 +38,7 @@ class AdapterDenoiser(nn.Module):
                                                  "adapter_scale": {"expression": scale}}).sample
 
 
-class Stage:
-    """Interface of a stage (see the module docstring)."""
-
-    name = "stage"
-    required_fields: tuple[str, ...] = ()
-    items_with_epoch = False  # whether dataset items are (epoch, index): datasets that draw per epoch
-    module: nn.Module
-    # parts of the last loss to log beside it (detached scalars), e.g. {"loss_sd": ..., "loss_ad": ...}
-    loss_terms: Mapping[str, torch.Tensor] = {}
-
-    def parameter_groups(self, module: nn.Module) -> list:
-        """What the optimizer updates: parameters, or groups with their own ``lr`` (train.learning_rate otherwise)."""
-        return [p for p in module.parameters() if p.requires_grad]
-
-    def build_dataset(self, records, data_cfg: Mapping):
-        raise NotImplementedError
-
-    def loss(self, module: nn.Module, batch: Mapping, generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
-
-    def export(self, module: nn.Module, path) -> None:
-        raise NotImplementedError
-
-    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in module.state_dict().items()}
-
-    def load_trainable_state(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-        module.load_state_dict(state, strict=True)
-
-
-class ExpressionAdapterStage(Stage):
+class ExpressionAdapterStage(DenoisingStage):
     """Stage 1 (paper §3.4): the Expression Adapter on the frozen Arc2Face UNet, denoising loss.
 
     Condition dropout, per sample: the expression alone (zero 55-vector: its projected tokens are
@@ -88,22 +56,6 @@ class ExpressionAdapterStage(Stage):
         adapter = build_expression_adapter(host.unet, config["adapter"]).to(device)
         self.module = AdapterDenoiser(host.unet, adapter)
         self.negative = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.host.unet.parameters()).device
-
-    def latents(self, batch: Mapping, generator: torch.Generator) -> torch.Tensor:
-        """Scaled VAE latents of the batch: from cached distributions, or by running the encoder."""
-        host = self.host
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
-            latents = mean + std * torch.randn(mean.shape, generator=generator, device=self.device)
-        else:
-            pixels = batch["pixels"].to(self.device, next(host.vae.parameters()).dtype)
-            with torch.no_grad():
-                latents = host.vae.encode(pixels).latent_dist.sample(generator=generator).float()
-        return (latents - host.latent_shift) * host.latent_scale
 
     def conditions(self, batch: Mapping, generator: torch.Generator, dropout: bool = True):
         """ID conditioning (B x 77 x D), expressions (B x 55), with condition dropout applied, and
@@ -164,11 +116,6 @@ class ExpressionAdapterStage(Stage):
             uncond_tokens = adapter.unconditional_tokens().to(tokens).expand_as(tokens)
         negative = self.negative.to(context).expand_as(context)
         return (context, {"expression": tokens}), (negative, {"expression": uncond_tokens}), {}
-
-    def build_dataset(self, records, data_cfg: Mapping):
-        cached = bool(data_cfg["use_cached_latents"])
-        return ShardDataset(records, self.required_fields, resolution=int(data_cfg["resolution"]),
-                            load_image=not cached, load_latents=cached)
 
 
 class ReferenceDenoiser(nn.Module):
@@ -281,22 +228,3 @@ class ReferenceLoraStage(ExpressionAdapterStage):
         bank = capture_reference(self.host.unet, reference, cond[0].to(reference.dtype))
         rows = torch.cat([torch.zeros(count, dtype=torch.bool), torch.ones(count, dtype=torch.bool)]).to(reference.device)
         return cond, uncond, {"reference": bank.reading(rows)}
-
-
-STAGES = {"expression_adapter": ExpressionAdapterStage, "reference_lora": ReferenceLoraStage}
-from . import emojidiff_stages  # noqa: E402,F401 - adds EmojiDiff's stages to STAGES (they build on the classes above)
-from .facecrafter_stages import FACECRAFTER_STAGES  # noqa: E402  (they build on the classes above)
-
-STAGES.update(FACECRAFTER_STAGES)
-
-
-def build_stage(config: Mapping, host: HostModels, device) -> Stage:
-    try:
-        stage_class = STAGES[config["stage"]]
-    except KeyError:
-        raise ValueError(f"stage {config['stage']!r} is not available; stages: {', '.join(STAGES)}") from None
-    return stage_class(config, host, device)
-
-
-__all__ = ["FLAME_DIM", "STAGES", "AdapterDenoiser", "ExpressionAdapterStage", "ReferenceDenoiser", "ReferenceLoraStage",
-           "Stage", "build_stage"]

@@ -32,8 +32,8 @@ from adapters.diffusers_host import attach_adapters
 from adapters.e_adapter import ID_DIM, EAdapter
 from adapters.layers import SDXL, attention_layers
 
-from .models import unet_layout
-from .stages import STAGES, ExpressionAdapterStage
+from ..models import unet_layout
+from .base import DenoisingStage
 
 LORA_PARTS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 
@@ -102,7 +102,7 @@ def tiny_text_encoders(block: Mapping, work_dir) -> list[tuple[object, nn.Module
 
     from encoders.arc2face_id import load_clip_tokenizer
 
-    from .tiny import write_tiny_tokenizer
+    from ..tiny import write_tiny_tokenizer
 
     options = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64} | dict(block)
     seed, sdxl = int(options.pop("seed", 0)), bool(options.pop("sdxl", False))
@@ -223,7 +223,7 @@ def named_branches(adapter: EAdapter, prefix: str = "") -> dict:
 
 
 class EAdapterDenoiser(nn.Module):
-    """The frozen UNet with the E-Adapter's two branches; only the adapter is a submodule (see AdapterDenoiser)."""
+    """The frozen UNet with the E-Adapter's two branches; only the adapter is a submodule (see arc2face.AdapterDenoiser)."""
 
     def __init__(self, unet, adapter: EAdapter):
         super().__init__()
@@ -267,7 +267,7 @@ def random_resized_crops(tensors: list[torch.Tensor], scale: tuple[float, float]
 # -- stages ------------------------------------------------------------------------------------------
 
 
-class EmojiDiffBaseStage(ExpressionAdapterStage):
+class EmojiDiffBaseStage(DenoisingStage):
     """Stage I (see the module docstring). Condition dropout per sample (IP-Adapter's scheme, our choice):
     the expression (zero CLIP embedding), the ID (zero FaceID embedding), the text (""), or all three."""
 
@@ -294,6 +294,12 @@ class EmojiDiffBaseStage(ExpressionAdapterStage):
     def sdxl(self) -> bool:
         return self.layout is SDXL
 
+    def adapter(self, module) -> EAdapter:
+        return module.adapter
+
+    def export(self, module, path) -> None:
+        self.adapter(module).save(path)
+
     def trainable_state(self, module) -> dict[str, torch.Tensor]:
         """Only the trained tensors: the frozen ID K/V (340 M values on SDXL) never change, so checkpoints skip them."""
         names = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
@@ -307,7 +313,7 @@ class EmojiDiffBaseStage(ExpressionAdapterStage):
                              f"missing {sorted(set(missing) & trained)[:4]}")
 
     def build_dataset(self, records, data_cfg: Mapping):
-        from .pair_samplers import PartnerDataset, same_person_other_expression, sample_table
+        from ..pair_samplers import PartnerDataset, same_person_other_expression, sample_table
 
         frames = super().build_dataset(records, data_cfg)
         table = sample_table(frames, expression=self.cfg["expression_field"], pose=None)
@@ -405,7 +411,7 @@ class EmojiDiffRefinedStage(EmojiDiffBaseStage):
     items_with_epoch = False
 
     def build_dataset(self, records, data_cfg: Mapping):
-        return ExpressionAdapterStage.build_dataset(self, records, data_cfg)
+        return DenoisingStage.build_dataset(self, records, data_cfg)
 
 
 class EmojiDiffICAStage(EmojiDiffRefinedStage):
@@ -423,7 +429,7 @@ class EmojiDiffICAStage(EmojiDiffRefinedStage):
     required_fields = ("faceid", "clip_image", "landmarks")
 
     def __init__(self, config: Mapping, host, device):
-        from .differentiable_faces import enable_decoder_checkpointing, load_torch_recognizer
+        from ..differentiable_faces import enable_decoder_checkpointing, load_torch_recognizer
 
         super().__init__(config, host, device)
         if host.vae is None:
@@ -471,8 +477,8 @@ class EmojiDiffICAStage(EmojiDiffRefinedStage):
 
     def terms(self, module, batch, generator, dropout: bool = True) -> dict[str, torch.Tensor]:
         """L_sd, L_id and L_exp (unweighted) of one draw."""
-        from .differentiable_faces import fan_landmarks, identity_loss, warp_faces
-        from .losses import ani_latent, wing_loss
+        from ..differentiable_faces import fan_landmarks, identity_loss, warp_faces
+        from ..losses import ani_latent, wing_loss
 
         cfg = self.cfg
         step = self.denoise_step(module, batch, generator, dropout)
@@ -550,5 +556,3 @@ class TinyFan(nn.Module):
     def forward(self, crops):
         return {"heatmap": self.net(crops)}
 
-
-STAGES.update({stage.name: stage for stage in (EmojiDiffBaseStage, EmojiDiffRefinedStage, EmojiDiffICAStage)})

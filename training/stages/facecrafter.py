@@ -46,12 +46,12 @@ from encoders.arc2face_id import NEGATIVE_FILE
 from encoders.expressions import Landmarks
 from encoders.landmark_image import render_landmark_image
 
-from .data import ShardDataset
-from .losses import attention_disentanglement_loss, token_mask
-from .mixed_conditioning import MixedRows, mixed_rows, row_noise
-from .models import HostModels, unet_layout, unet_widths
-from .pair_samplers import PartnerDataset, emo_partners, lmk_partners, sample_table
-from .stages import ExpressionAdapterStage, Stage
+from ..data import ShardDataset
+from ..losses import attention_disentanglement_loss, token_mask
+from ..mixed_conditioning import MixedRows, mixed_rows, row_noise
+from ..models import HostModels, unet_layout, unet_widths
+from ..pair_samplers import PartnerDataset, emo_partners, lmk_partners, sample_table
+from .base import DenoisingStage
 
 logger = logging.getLogger(__name__)
 SWITCH_COLUMNS = {"lmk": 0, "emo": 1}  # columns of MixedRows.alphas
@@ -112,7 +112,7 @@ class LandmarkImages(Dataset):
         return out
 
 
-class FaceCrafterStage(Stage):
+class FaceCrafterStage(DenoisingStage):
     """Shared by the three stages; subclasses name the modules they train and their pair rule."""
 
     modules: tuple[str, ...] = ()
@@ -132,10 +132,6 @@ class FaceCrafterStage(Stage):
         self.module = FaceCrafterDenoiser(host.unet, crafter, host.id_encoder, self.train_id_encoder)
         self.ad_weight = float(self.fc["ad_weight"]) if self.train_id_encoder else 0.0
         self.loss_terms = {}
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.host.unet.parameters()).device
 
     # -- modules -----------------------------------------------------------------------------
 
@@ -228,7 +224,7 @@ class FaceCrafterStage(Stage):
 
     def loss(self, module, batch, generator) -> torch.Tensor:
         scheduler = self.host.noise_scheduler
-        latents = ExpressionAdapterStage.latents(self, batch, generator)  # the same latents as every stage
+        latents = self.latents(batch, generator)
         rows = self.rows(latents.shape[0], generator)
         noise, timesteps = row_noise(tuple(latents.shape[1:]), rows, scheduler.config.num_train_timesteps, generator,
                                      bool(self.fc["shared_noise"]))
@@ -348,5 +344,3 @@ class FaceCrafterJointStage(FaceCrafterStage):
     def rows(self, examples: int, generator: torch.Generator) -> MixedRows:
         return mixed_rows(examples, int(self.fc["replicas"]), generator)
 
-
-FACECRAFTER_STAGES = {stage.name: stage for stage in (FaceCrafterLmkStage, FaceCrafterEmoStage, FaceCrafterJointStage)}
