@@ -68,10 +68,14 @@ def normalise(distribution: str) -> str:
     return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
-def _repository_module(parts: list[str]) -> list[Path]:
-    """The repository file(s) a dotted name under ROOT points at: a module, a package's __init__, or nothing."""
-    base = ROOT.joinpath(*parts)
-    return [path for path in (base.with_suffix(".py"), base / "__init__.py") if parts and path.is_file()]
+def repository_files(parts: list[str]) -> set[Path]:
+    """The repository files that importing a dotted name under ROOT runs: each package's ``__init__`` on the way
+    and the module itself (a trailing name that is no file, such as an imported function, adds nothing)."""
+    files = set()
+    for end in range(1, len(parts) + 1):
+        base = ROOT.joinpath(*parts[:end])
+        files.update(path for path in (base.with_suffix(".py"), base / "__init__.py") if path.is_file())
+    return files
 
 
 class Imports(ast.NodeVisitor):
@@ -100,7 +104,7 @@ class Imports(ast.NodeVisitor):
     def absolute(self, name: str) -> None:
         top = name.split(".")[0]
         if top in FIRST_PARTY and not (top == "nodes" and self.path == ROOT / "workflows" / "run.py"):
-            self.reached.update(_repository_module(name.split(".")))  # run.py's `nodes` is ComfyUI's nodes.py
+            self.reached.update(repository_files(name.split(".")))  # run.py's `nodes` is ComfyUI's nodes.py
         else:
             self.external.append((name, self.guarded > 0))
 
@@ -114,9 +118,8 @@ class Imports(ast.NodeVisitor):
                 self.absolute(f"{node.module}.{alias.name}")
             return
         base = list(self.package[:len(self.package) - (node.level - 1)]) + (node.module.split(".") if node.module else [])
-        self.reached.update(_repository_module(base))
-        for alias in node.names:  # `from . import module`
-            self.reached.update(_repository_module([*base, alias.name]))
+        for alias in node.names:  # the alias may be a module: `from . import module`
+            self.reached.update(repository_files([*base, alias.name]))
 
     def visit_Call(self, node: ast.Call) -> None:
         function = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
