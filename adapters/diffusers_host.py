@@ -1,8 +1,15 @@
 """diffusers host for adapter branches: an attention processor for ``UNet2DConditionModel``.
 
 The processor runs the layer's own attention and adds each attached adapter's branch through
-``adapters.attention``, the same maths the ComfyUI patches call. Tokens travel per forward call
-in ``cross_attention_kwargs``::
+``adapters.branches``, the seam the ComfyUI patches use too. Branch conditions and the batch's row
+layout travel per forward call in ``cross_attention_kwargs``, as in ComfyUI::
+
+    condition = TokenCondition(adapter, tokens, adapter.unconditional_tokens(), strength)
+    unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([text, empty]),
+         cross_attention_kwargs={"adapter_conditions": {"expression": condition},
+                                 "rows": RowLayout(2 * batch, [COND, UNCOND])})
+
+or, for training batches whose rows are laid out already (per-sample condition dropout), as tokens::
 
     unet(latents, t, encoder_hidden_states=text,
          cross_attention_kwargs={"adapter_tokens": {"expression": tokens},   # (batch, T, D)
@@ -29,10 +36,28 @@ from collections.abc import Mapping
 
 import torch
 
-from .attention import decoupled_attention, multi_head_attention
+from .attention import multi_head_attention
+from .branches import add_branch, is_off
 from .cross_attention_adapter import CrossAttentionAdapter
+from .layers import AttentionLayer
 from .reference import attend_with_reference, reference_rows
 from .rows import RowLayout
+
+
+class PerRowTokens:
+    """Tokens already laid out one row per batch row (training's batches, with per-sample dropout), as a
+    branch condition (``adapters.branches``); ``scale`` a number or one per row (FaceCrafter's switches)."""
+
+    def __init__(self, adapter, tokens: torch.Tensor, scale=1.0):
+        self.adapter = adapter
+        self.tokens = tokens
+        self.scale = scale.tolist() if isinstance(scale, torch.Tensor) and scale.dim() else float(scale)
+
+    def keys_values(self, layer, layout: RowLayout, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.adapter.branch(layer).keys_values(self.tokens.to(device, dtype))
+
+    def scales(self, layout: RowLayout, options=None):
+        return self.scale
 
 
 class ReferenceBank:
@@ -58,13 +83,15 @@ class ReferenceBank:
 
 
 class AdapterAttnProcessor:
-    def __init__(self, name: str = "", branches: Mapping[str, torch.nn.Module] | None = None):
+    def __init__(self, name: str = "", branches: Mapping[str, tuple[CrossAttentionAdapter, AttentionLayer]] | None = None):
         self.name = name
-        self.branches = dict(branches or {})
+        self.branches = dict(branches or {})  # {adapter name: (adapter, this layer)}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  adapter_tokens: Mapping[str, torch.Tensor] | None = None,
                  adapter_scale: Mapping[str, float] | None = None,
+                 adapter_conditions: Mapping[str, object] | None = None, rows: RowLayout | None = None,
+                 adapter_options: Mapping | None = None,
                  reference: ReferenceBank | None = None, attention_record: dict | None = None, **unused):
         if attention_mask is not None:
             raise NotImplementedError("attention masks are not supported by the adapter processor")
@@ -77,13 +104,17 @@ class AdapterAttnProcessor:
             out = self._self_attention_with_reference(attn, hidden_states, query, key, value, reference)
         else:
             out = multi_head_attention(query, key, value, attn.heads)
-        for name, branch in self.branches.items():
-            tokens = (adapter_tokens or {}).get(name)
-            if tokens is None:
+        for name, (adapter, layer) in self.branches.items():
+            condition = (adapter_conditions or {}).get(name)
+            if condition is None and (adapter_tokens or {}).get(name) is not None:
+                condition = PerRowTokens(adapter, adapter_tokens[name], (adapter_scale or {}).get(name, 1.0))
+            if condition is None:
                 continue
-            scale = (adapter_scale or {}).get(name, 1.0)
-            key, value = branch.keys_values(tokens.to(query.dtype))
-            out = out + decoupled_attention(query, key, value, attn.heads, scale)
+            layout = rows or RowLayout(query.shape[0])
+            scales = condition.scales(layout, adapter_options)
+            if not is_off(scales):
+                key, value = condition.keys_values(layer, layout, query.device, query.dtype)
+                out = add_branch(out, query, key, value, attn.heads, scales)
         if attention_record is not None and encoder_hidden_states is not None and self.branches:
             attention_record[self.name] = out
         out = attn.to_out[1](attn.to_out[0](out))
@@ -117,7 +148,7 @@ def attach_adapters(unet, adapters: Mapping[str, CrossAttentionAdapter] | None =
         for adapter_name, adapter in adapters.items():
             for layer in adapter.layers:
                 if layer.diffusers_name == module_name:
-                    branches[adapter_name] = adapter.branch(layer)
+                    branches[adapter_name] = (adapter, layer)
         processors[f"{module_name}.processor"] = AdapterAttnProcessor(module_name, branches)
     for adapter_name, adapter in adapters.items():
         missing = [layer.diffusers_name for layer in adapter.layers if layer.diffusers_name not in module_names]

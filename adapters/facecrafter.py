@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KeyValueBranch, decoupled_attention
+from .attention import KeyValueBranch
 from .checkpoints import (
     AdapterFileError,
     check_fits,
@@ -318,6 +318,8 @@ GUIDANCE_SWITCHES = {0: (0.0, 0.0), 1: (0.0, 0.0), 2: (1.0, 0.0), 3: (0.0, 1.0)}
 # Which of those predictions are conditional, for the other adapters on the model (rows.CONDITIONAL_KEY):
 # all but the negative.
 GUIDANCE_CONDITIONAL = {0: False, 1: True, 2: True, 3: True}
+# transformer_options entry: {conditioning index: (alpha_LMK, alpha_EMO)}, set by the FaceCrafter Guider
+SWITCHES_KEY = "facecrafter_switches"
 # A plain sampler: conditional rows (index 0) get both branches, unconditional rows (index 1) none.
 CFG_SWITCHES = {0: (1.0, 1.0), 1: (0.0, 0.0)}
 # What the guider's post-CFG hooks see when they run the model again (PAG, SAG): ComfyUI's indices
@@ -347,24 +349,26 @@ def row_alphas(layout: RowLayout, switches: Mapping[int, tuple[float, float]], m
     return layout.scales(lambda index: float(switches.get(index, (0.0, 0.0))[module]) * strength).tolist()
 
 
-def switched_branch(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int,
-                    alphas) -> torch.Tensor:
-    """``out`` plus alpha x (attention over ``key``/``value``) on the rows whose alpha is not zero.
+class SwitchedCondition:
+    """One module (LMK or EMO) as a branch condition (``adapters.branches``): its tokens, one row for the batch
+    or one per image (the context window's frames), in every chunk; each row scaled by its chunk's switch
+    times ``strength``. The switches are a guider's (``options[SWITCHES_KEY]``), else :data:`CFG_SWITCHES`."""
 
-    ``key``/``value`` hold one row per query row (or one for all). Rows with alpha 0 are not computed
-    and come back bit for bit; the others get :func:`decoupled_attention` with their alpha.
-    """
-    on = [row for row, alpha in enumerate(alphas) if alpha != 0.0]
-    if not on:
-        return out
-    scale = torch.tensor([alphas[row] for row in on], device=query.device, dtype=query.dtype)
-    if len(on) == query.shape[0]:
-        return out + decoupled_attention(query, key, value, heads, scale).to(out.dtype)
-    rows = torch.tensor(on, device=query.device)
-    if key.shape[0] > 1:
-        key, value = key.index_select(0, rows), value.index_select(0, rows)
-    branch = decoupled_attention(query.index_select(0, rows), key, value, heads, scale)
-    return out.index_add(0, rows, branch.to(out.dtype))
+    def __init__(self, module: ControlModule, tokens: torch.Tensor, strength: float, index: int, what: str):
+        self.adapter = module
+        self.tokens = tokens
+        self.strength = float(strength)
+        self.index = index  # 0 LMK, 1 EMO: the place of its alpha in a switch
+        self.what = what
+
+    def keys_values(self, layer: AttentionLayer, layout: RowLayout, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokens if self.tokens.shape[0] == 1 else layout.per_image(self.tokens, self.what)
+        key, value = self.adapter.branch(layer).keys_values(tokens.to(device, dtype))
+        repeats = 1 if tokens.shape[0] == 1 else len(layout.chunks)  # one shared row stays one row
+        return key.repeat(repeats, 1, 1), value.repeat(repeats, 1, 1)
+
+    def scales(self, layout: RowLayout, options: Mapping | None = None) -> list[float]:
+        return row_alphas(layout, (options or {}).get(SWITCHES_KEY, CFG_SWITCHES), self.index, self.strength)
 
 
 def diffusers_kwargs(crafter: FaceCrafter, landmark_tokens: torch.Tensor | None, emotion_tokens: torch.Tensor | None,

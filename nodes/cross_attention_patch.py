@@ -2,11 +2,10 @@
 
 For each layer the adapter covers, an ``attn2`` replace computes the layer's usual attention (or
 calls the replace registered before it) and adds the adapter branch from ``adapters.attention``; how it
-stacks with IPAdapter_plus, InstantID, PuLID and our own branches, in either order, is ``stacking``'s job. Rows follow the shared row layout
-(``adapters.rows``: ``cond_or_uncond``, a guider's conditional map, ComfyUI's context windows): conditional rows attend to
-the condition's tokens (per image, the context window's frames), unconditional rows to the
-adapter's unconditional tokens. The sigma gate is decided once per UNet call, and the per-layer
-keys/values live for one sampling run.
+stacks with IPAdapter_plus, InstantID, PuLID and our own branches, in either order, is ``stacking``'s job. What a
+branch adds to which rows (keys/values and per-row scales for the shared row layout of ``adapters.rows``) is
+its branch condition's (``adapters.branches``); this host decides the sigma gate once per UNet call and keeps
+each layer's keys/values for one sampling run.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..adapters.attention import decoupled_attention
+from ..adapters.branches import TokenCondition, add_branch, is_off
 from ..adapters.layers import layout_for_cross_attention_keys
 from ..adapters.rows import RowLayout
 from .attention_host import transformer_blocks
@@ -127,85 +126,65 @@ class PerRunCache:
         return found
 
 
-class BranchTokens(PerRunCache):
-    """One application's tokens, shared by all its layers, with per-layer keys/values cached for a run.
+class BranchCache(PerRunCache):
+    """One application's branch conditions (``adapters.branches``) by name, sharing one sigma gate, with each
+    condition's keys/values for a layer, device, dtype and row layout projected once per sampling run
+    instead of at every step."""
 
-    Tokens and strength are fixed for the whole sampling run, so each layer's keys and values
-    (the values already times the strength) are projected and laid out in rows once per device,
-    dtype and row layout, instead of at every step.
-    """
-
-    def __init__(self, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, gate: SigmaGate,
-                 condition: str = "expression"):
+    def __init__(self, conditions: dict[str, object], gate: SigmaGate):
         super().__init__(gate)
-        self.adapter = adapter
-        self.condition = condition  # what the rows are, for messages
-        self.cond_tokens = cond_tokens.detach()
-        self.uncond_tokens = uncond_tokens.detach()
+        self.conditions = conditions
+        self.projections = 0  # how many K/V projections ran (tests check: once per layer and run)
 
-    def rows(self, layer, query: torch.Tensor, layout: RowLayout):
-        """Keys and strength-scaled values for every row of ``query``, chunk by chunk as ``layout`` orders them:
-        the condition's on conditional chunks (per image, the context window's frames), the unconditional ones elsewhere."""
-        return self.cached((layer.comfy_key, query.device, query.dtype, layout.key), lambda: self._rows(layer, query, layout))
+    def keys_values(self, name: str, layer, layout: RowLayout, device, dtype):
+        def project():
+            self.projections += 1
+            with torch.no_grad():
+                return self.conditions[name].keys_values(layer, layout, device, dtype)
 
-    def _rows(self, layer, query: torch.Tensor, layout: RowLayout):
-        cond_tokens = layout.per_image(self.cond_tokens, f"the {self.condition}").to(query.device, query.dtype)
-        branch = self.adapter.branch(layer)
-        with torch.no_grad():
-            cond = branch.keys_values(cond_tokens)
-            uncond = [t.expand(layout.chunk_size, -1, -1)
-                      for t in branch.keys_values(self.uncond_tokens.to(query.device, query.dtype))]
-        keys = layout.stack(lambda index: cond[0] if layout.conditional(index) else uncond[0])
-        values = layout.stack(lambda index: cond[1] if layout.conditional(index) else uncond[1])
-        return keys, values * self.gate.strength
+        return self.cached((name, layer.comfy_key, device, dtype, layout.key), project)
 
 
 class BranchPatch(StackableReplace):
     """The ``attn2`` replace for one layer: the previous attention (the replace registered before, or the
-    layer's own) plus what :meth:`branch` adds for the batch's row layout while ``tokens.gate`` is active, then
+    layer's own) plus each of ``cache``'s branches for the batch's row layout while its gate is active, then
     what other packs :meth:`~.stacking.StackableReplace.add`-ed to it."""
 
-    def __init__(self, tokens: PerRunCache, layer, previous=None):
+    def __init__(self, cache: BranchCache, layer, previous=None):
         super().__init__(layer.comfy_key, previous)
-        self.tokens = tokens
+        self.cache = cache
         self.layer = layer
 
     def __call__(self, q, k, v, extra_options):
         out = self.attention_before(q, k, v, extra_options)
-        if self.tokens.gate.active(extra_options):
-            out = self.branch(out, q, RowLayout.of(q.shape[0], extra_options), extra_options)
+        if self.cache.gate.active(extra_options):
+            layout = RowLayout.of(q.shape[0], extra_options)
+            for name, condition in self.cache.conditions.items():
+                scales = condition.scales(layout, extra_options)
+                if not is_off(scales):
+                    key, value = self.cache.keys_values(name, self.layer, layout, q.device, q.dtype)
+                    out = add_branch(out, q, key, value, extra_options["n_heads"], scales)
         return self.run_added(out, q, k, v, extra_options)
 
-    def branch(self, out: torch.Tensor, q: torch.Tensor, layout: RowLayout, extra_options: dict) -> torch.Tensor:
-        raise NotImplementedError
 
-
-class CrossAttentionBranchPatch(BranchPatch):
-    """One adapter's branch on one layer."""
-
-    def branch(self, out, q, layout, extra_options):
-        key, value = self.tokens.rows(self.layer, q, layout)
-        return out + decoupled_attention(q, key, value, extra_options["n_heads"]).to(out.dtype)
-
-
-def install_branch_patches(model, patch_class, tokens: PerRunCache, layers, wrapper_key: str) -> None:
-    """``patch_class(tokens, layer, previous)`` as the ``attn2`` replace of each of ``layers`` on ``model`` (a clone),
+def install_branch_patches(model, cache: BranchCache, layers, wrapper_key: str) -> None:
+    """A :class:`BranchPatch` of ``cache`` as the ``attn2`` replace of each of ``layers`` on ``model`` (a clone),
     stacked on the replace ComfyUI would call there now (either key form), and the per-run cache's
     ``OUTER_SAMPLE`` wrapper."""
     from comfy.patcher_extension import WrappersMP
 
-    model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, wrapper_key, tokens.sampling_wrapper)
+    model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, wrapper_key, cache.sampling_wrapper)
     by_key = {layer.comfy_key: layer for layer in layers}
-    install_replaces(model, "attn2", by_key, lambda key, previous: patch_class(tokens, by_key[key], previous=previous))
+    install_replaces(model, "attn2", by_key, lambda key, previous: BranchPatch(cache, by_key[key], previous=previous))
 
 
 def apply_cross_attention_branch(model, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor,
                                  strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
-                                 condition: str = "expression"):
+                                 what: str = "expression"):
     """A clone of ``model`` with ``adapter``'s branch on each of its layers, stacked on existing replaces."""
     check_model_fits(adapter, model)
     patched = model.clone()
-    tokens = BranchTokens(adapter, cond_tokens, uncond_tokens, SigmaGate.from_percents(patched, strength, start_at, end_at),
-                          condition)
-    install_branch_patches(patched, CrossAttentionBranchPatch, tokens, adapter.layers, "expression_adapters.branch_tokens")
+    gate = SigmaGate.from_percents(patched, strength, start_at, end_at)
+    condition = TokenCondition(adapter, cond_tokens.detach(), uncond_tokens.detach(), strength, f"the {what}")
+    install_branch_patches(patched, BranchCache({what: condition}, gate), adapter.layers, "expression_adapters.branch_tokens")
     return patched

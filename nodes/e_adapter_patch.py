@@ -58,9 +58,9 @@ def apply_e_adapter(model, adapter: EAdapter, id_embeddings: torch.Tensor | None
     patched = apply_faceid_lora(model, adapter, lora_strength)
     if id_embeddings is not None:
         patched = apply_cross_attention_branch(patched, adapter.identity, id_tokens, adapter.unconditional_id_tokens(),
-                                               id_strength, start_at, end_at, condition="identity embedding")
+                                               id_strength, start_at, end_at, what="identity embedding")
     if image_embeds is not None:
         patched = apply_cross_attention_branch(patched, expression, expression_tokens,
                                                adapter.unconditional_expression_tokens(), expression_strength, start_at, end_at,
-                                               condition="expression image")
+                                               what="expression image")
     return patched

@@ -14,6 +14,7 @@ from ..adapters.facecrafter import (
     GUIDANCE_CONDITIONAL,
     GUIDANCE_SWITCHES,
     HOOK_SWITCHES,
+    SWITCHES_KEY,
     FaceCrafter,
     blank_rows,
     check_emotion,
@@ -23,7 +24,7 @@ from ..adapters.facecrafter import (
 from ..adapters.rows import CONDITIONAL_KEY
 from ..encoders.core_face_landmarks import as_landmarks
 from ..encoders.landmark_pose import pose_sweep
-from .facecrafter_patch import SWITCHES_KEY, apply_facecrafter, facecrafter_applications
+from .facecrafter_patch import apply_facecrafter, facecrafter_applications
 from .model_folders import model_choices, model_file
 from .types import EmotionType, FaceCrafterType, FaceLandmarksType, landmarks_input
 from .validation import check_choices, check_numbers

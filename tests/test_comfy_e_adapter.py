@@ -91,7 +91,7 @@ def test_comfy_patch_equals_diffusers_multi_ip_adapter(comfy, published, family,
     expected_keys = {layer.comfy_key for layer in adapter.identity.layers}
     replaced = {key: comfy.pack.nodes.stacking.replace_below(registered, key) for key in expected_keys}  # what ComfyUI calls for each layer
     assert len(registered) == len(expected_keys) and all(patch.key == key for key, patch in replaced.items())
-    expression_keys = {key for key, patch in replaced.items() if patch.tokens.adapter.kind.startswith("IP-Adapter image")}
+    expression_keys = {key for key, patch in replaced.items() if "expression image" in patch.cache.conditions}
     assert expression_keys == {layer.comfy_key for layer in adapter.expression_branch().layers}
     assert len(expression_keys) == (16 if family == "SD1.5" else 10)
     if family == "SDXL":

@@ -35,7 +35,7 @@ def test_hosts_agree_and_every_cross_attention_layer_is_patched(comfy, family):
     model_keys = comfy.pack.nodes.cross_attention_patch.cross_attention_widths(hosts.model.model.diffusion_model)
     replaced = {key: comfy.pack.nodes.stacking.replace_below(registered, key) for key in model_keys}  # what ComfyUI calls for each layer
     assert set(model_keys) == {layer.comfy_key for layer in cross_attention_layers(LAYOUTS[family])}
-    assert all(patch.key == key and patch.tokens.adapter is adapter for key, patch in replaced.items())
+    assert all(patch.key == key and patch.cache.conditions["expression"].adapter is adapter for key, patch in replaced.items())
     # SD1.5's blocks hold one transformer each: the patch sits under the block's key, where IPAdapter_plus looks
     # (test_other_packs); SDXL's hold 2 or 10, each under its own key
     assert set(registered) == ({key[:2] for key in model_keys} if family == "SD1.5" else set(model_keys))
@@ -130,7 +130,7 @@ def test_a_clone_copies_the_patch_but_shares_its_tokens_and_weights(comfy):
     cloned = patched.clone()
     original = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)]
     copy = cloned.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)]
-    assert copy is not original and copy.tokens is original.tokens and copy.tokens.adapter is adapter
+    assert copy is not original and copy.cache is original.cache and copy.cache.conditions["expression"].adapter is adapter
 
 
 def test_an_sd15_adapter_on_an_sdxl_model_is_refused(comfy):
@@ -201,22 +201,23 @@ def test_branch_keys_values_are_freed_after_each_sampling_run(comfy):
 
     hosts = Hosts("SD1.5", batch=1)
     patched = apply(comfy, hosts.model, random_expression_adapter(), torch.randn(1, 55))
-    tokens = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)].tokens
+    cache = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)].cache
     seen = []
-    original_rows = tokens.rows
+    original_keys_values = cache.keys_values
 
-    def rows(*args, **kwargs):
-        result = original_rows(*args, **kwargs)
-        seen.append(len(tokens._cache))
+    def keys_values(*args, **kwargs):
+        result = original_keys_values(*args, **kwargs)
+        seen.append(len(cache._cache))
         return result
 
-    tokens.rows = rows
+    cache.keys_values = keys_values
     context = torch.randn(1, 7, 32)
     samples = sample(patched, torch.randn(1, 4, 8, 8), 2, 2.0, "euler", "normal", [[context, {}]], [[context * 0, {}]],
                      torch.zeros(1, 4, 8, 8), disable_pbar=True, seed=0)
     assert torch.isfinite(samples).all()
     assert max(seen) == 16  # one entry per layer during the run: projected once, reused at every step
-    assert not tokens._cache and tokens.gate.decision is None  # nothing kept (on the GPU) after the run
+    assert cache.projections == 16  # once per layer for the whole run
+    assert not cache._cache and cache.gate.decision is None  # nothing kept (on the GPU) after the run
 
 
 def test_per_frame_expressions_follow_comfyuis_context_windows(comfy):
@@ -257,8 +258,8 @@ def test_chunks_evaluated_in_threads_give_the_serial_result(comfy):
     hosts = Hosts("SD1.5", batch=1)
     patched = apply(comfy, hosts.model, random_expression_adapter(), torch.randn(1, 55), end_at=0.5)
     model_management.load_models_gpu([patched])
-    tokens = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)].tokens
-    high, low = float(tokens.gate.sigma_end) * 2, float(tokens.gate.sigma_end) / 2  # branch on / off
+    cache = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)].cache
+    high, low = float(cache.gate.sigma_end) * 2, float(cache.gate.sigma_end) / 2  # branch on / off
 
     def chunk(job):
         order, sigma = job
@@ -270,10 +271,11 @@ def test_chunks_evaluated_in_threads_give_the_serial_result(comfy):
     jobs = [(order, sigma) for order in ([0], [1]) for sigma in (high, low)] * 4
     serial = [chunk(job) for job in jobs]
     assert not torch.equal(serial[0], serial[1])  # the gate matters
-    tokens.clear()
+    cache.clear()
     projected = []
-    original = tokens._rows
-    tokens._rows = lambda *args: projected.append(args[0].comfy_key) or original(*args)
+    [(name, condition)] = cache.conditions.items()
+    original = condition.keys_values
+    condition.keys_values = lambda *args: projected.append(args[0].comfy_key) or original(*args)
     with ThreadPoolExecutor(4) as pool:
         threaded = list(pool.map(chunk, jobs))
     for got, expected in zip(threaded, serial, strict=True):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapters.attention import decoupled_attention
+from adapters.branches import add_branch
 from adapters.checkpoints import AdapterFileError
 from adapters.diffusers_host import attach_adapters
 from adapters.facecrafter import (
@@ -22,7 +23,6 @@ from adapters.facecrafter import (
     diffusers_kwargs,
     resize_landmark_images,
     row_alphas,
-    switched_branch,
 )
 from adapters.layers import SDXL
 from adapters.rows import RowLayout
@@ -166,16 +166,16 @@ def test_row_alphas_follow_the_chunk_indices_in_any_order():
     assert row_alphas(RowLayout(4, [2, 0, 3, 1]), GUIDANCE_SWITCHES, module=1) == [0.0, 0.0, 1.0, 0.0]
 
 
-def test_switched_branch_leaves_rows_with_alpha_zero_bit_for_bit():
+def test_add_branch_leaves_rows_with_alpha_zero_bit_for_bit():
     generator = torch.Generator().manual_seed(0)
     query, out = torch.randn(4, 16, 32, generator=generator), torch.randn(4, 16, 32, generator=generator)
     key, value = torch.randn(4, 5, 32, generator=generator), torch.randn(4, 5, 32, generator=generator)
     alphas = [0.0, 1.0, 0.0, 0.5]
-    result = switched_branch(out, query, key, value, 2, alphas)
+    result = add_branch(out, query, key, value, 2, alphas)
     assert torch.equal(result[0], out[0]) and torch.equal(result[2], out[2])
     expected = out + decoupled_attention(query, key, value, 2, torch.tensor(alphas))
     torch.testing.assert_close(result, expected)
-    assert switched_branch(out, query, key, value, 2, [0.0] * 4) is out
+    assert add_branch(out, query, key, value, 2, [0.0] * 4) is out and add_branch(out, query, key, value, 2, 0.0) is out
 
 
 def test_landmark_images_are_resized_and_blank_ones_found():
