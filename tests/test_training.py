@@ -17,7 +17,7 @@ from training.data import collate
 from training.prepare import main as prepare
 from training.train import Trainer
 from training.train import main as train_main
-from training_helpers import PreparedModels, write_pictures
+from training_helpers import PreparedModels, resume_after_kill, write_pictures
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 SMOKE = "training/configs/smoke.yaml"
@@ -38,10 +38,6 @@ def shards(tmp_path_factory):
 def smoke_config(shards, output_dir, *overrides):
     return load_config(SMOKE, [f"data.shards={shards}", f"output_dir={output_dir}", "logging.progress_bar=false",
                                "sampling.every_steps=0", "train.batch_size=2", *overrides])
-
-
-class Killed(Exception):
-    """Stands for the process dying right after a step."""
 
 
 def test_expression_adapter_stage_overfits_a_fixed_batch(shards, tmp_path):
@@ -75,18 +71,8 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(shards, tmp_path):
                                 "--set", "logging.progress_bar=false", *[x for o in common for x in ("--set", o)]])
     assert sorted(uninterrupted.losses) == [1, 2, 3, 4, 5, 6]
 
-    def die_after_three(step, loss):
-        if step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        Trainer(smoke_config(shards / "manifest.json", tmp_path / "b", *common)).run(die_after_three)
-    resumed_trainer = Trainer(smoke_config(shards / "manifest.json", tmp_path / "b", *common))
-    assert resumed_trainer.resumed_from.name == "step-0000003"
-    resumed = resumed_trainer.run()
-    assert sorted(resumed.losses) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert resumed.losses[step] == uninterrupted.losses[step], step
+    _, resumed = resume_after_kill(lambda: Trainer(smoke_config(shards / "manifest.json", tmp_path / "b", *common)),
+                                   3, uninterrupted)
     first = ExpressionAdapter.from_file(uninterrupted.export_path).state_dict()
     second = ExpressionAdapter.from_file(resumed.export_path).state_dict()
     assert all(torch.equal(first[key], second[key]) for key in first)

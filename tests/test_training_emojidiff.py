@@ -24,7 +24,7 @@ from training.demo_data import build_demo_data, find_face_landmarker
 from training.metrics import exp_mean, lms_score
 from training.shards import load_index
 from training.train import Trainer
-from training_helpers import FakeSwapper
+from training_helpers import FakeSwapper, resume_after_kill
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 CONFIGS = {"base": "training/configs/emojidiff_base_smoke.yaml", "refined": "training/configs/emojidiff_refined_smoke.yaml",
@@ -186,10 +186,6 @@ def test_random_resized_crops_put_the_crop_in_the_time_ids():
         torch.testing.assert_close(cropped[row:row + 1], expected)
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("stage", ["base", "refined", "refined_sdxl", "ica"])
 def test_killed_run_resumes_to_the_same_losses_and_weights(stage, demo, idi_shards, tmp_path):
     data = data_for(stage, demo, idi_shards)
@@ -197,18 +193,7 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(stage, demo, idi_shar
               "emojidiff.drop_text=0.2", "train.drop_both=0.2"]
     uninterrupted = Trainer(config(stage, data, tmp_path / "a", *common)).run()
 
-    def die_after_two(step, loss):
-        if step == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        Trainer(config(stage, data, tmp_path / "b", *common)).run(die_after_two)
-    resumed_trainer = Trainer(config(stage, data, tmp_path / "b", *common))
-    assert resumed_trainer.resumed_from.name == "step-0000002"
-    resumed = resumed_trainer.run()
-    assert sorted(resumed.losses) == [3, 4]
-    for step in (3, 4):
-        assert resumed.losses[step] == uninterrupted.losses[step], step
+    _, resumed = resume_after_kill(lambda: Trainer(config(stage, data, tmp_path / "b", *common)), 2, uninterrupted)
     first, second = (EAdapter.from_file(r.export_path).state_dict() for r in (uninterrupted, resumed))
     assert all(torch.equal(first[key], second[key]) for key in first)
 

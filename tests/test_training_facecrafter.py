@@ -25,6 +25,7 @@ from training.shards import ShardWriter, npy_bytes, shard_name, write_json_atomi
 from training.stages import build_stage
 from training.tiny import tiny_unet
 from training.train import Trainer
+from training_helpers import resume_after_kill
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 CONFIGS = {"facecrafter_lmk": "training/configs/facecrafter_lmk_smoke.yaml",
@@ -203,10 +204,6 @@ def test_each_stage_lowers_its_loss_on_a_fixed_batch(manifest, tmp_path, stage):
         assert sorted(terms) == ["loss_sd"] and result.losses[15] == pytest.approx(terms["loss_sd"])
 
 
-class Killed(Exception):
-    """Stands for the process dying right after a step."""
-
-
 @pytest.mark.parametrize("stage", list(CONFIGS))
 def test_killed_run_resumes_to_the_same_losses_and_exports(manifest, tmp_path, stage):
     # 12 samples, batch 4: 3 batches an epoch, so 4 steps cross an epoch (partners are redrawn per epoch);
@@ -215,18 +212,9 @@ def test_killed_run_resumes_to_the_same_losses_and_exports(manifest, tmp_path, s
               "sampling.num_samples=2", "sampling.num_inference_steps=2"]
     uninterrupted = Trainer(config_for(stage, manifest, tmp_path / "a", *common)).run()
 
-    def die_after_two(step, loss):
-        if step == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        Trainer(config_for(stage, manifest, tmp_path / "b", *common)).run(die_after_two)
-    resumed_trainer = Trainer(config_for(stage, manifest, tmp_path / "b", *common))
-    assert resumed_trainer.resumed_from.name == "step-0000002"
-    resumed = resumed_trainer.run()
-    assert sorted(resumed.losses) == [3, 4]
+    resumed_trainer, resumed = resume_after_kill(lambda: Trainer(config_for(stage, manifest, tmp_path / "b", *common)), 2,
+                                                 uninterrupted)
     for step in (3, 4):
-        assert resumed.losses[step] == uninterrupted.losses[step], step
         assert resumed.loss_terms[step] == uninterrupted.loss_terms[step], step
     first, second = FaceCrafter.from_file(uninterrupted.export_path), FaceCrafter.from_file(resumed.export_path)
     assert sorted(first.modules_present()) == sorted({"facecrafter_lmk": ["lmk"], "facecrafter_emo": ["emo"]}.get(stage, ["lmk", "emo"]))

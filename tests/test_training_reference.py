@@ -19,7 +19,7 @@ from training.config import ConfigError, load_config
 from training.data import collate
 from training.prepare import main as prepare
 from training.train import Trainer
-from training_helpers import PreparedModels, write_clip
+from training_helpers import PreparedModels, resume_after_kill, write_clip
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 SMOKE = "training/configs/smoke.yaml"
@@ -46,10 +46,6 @@ def reference_config(data, output_dir, *overrides):
                                "reference_lora.pair_window_seconds=1.5", "train.batch_size=2",
                                "logging.progress_bar=false", "sampling.every_steps=0", "export.file=pytorch_lora_weights.safetensors",
                                *overrides])
-
-
-class Killed(Exception):
-    pass
 
 
 def test_reference_lora_needs_the_frozen_expression_adapter(data, tmp_path):
@@ -105,14 +101,7 @@ def test_reference_lora_overfits_resumes_and_exports(data, tmp_path):
     common = ["train.max_steps=4", "checkpointing.every_steps=2"]
     whole = Trainer(reference_config(data, tmp_path / "whole", *common)).run()
 
-    def die(step, loss):
-        if step == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        Trainer(reference_config(data, tmp_path / "cut", *common)).run(die)
-    resumed = Trainer(reference_config(data, tmp_path / "cut", *common)).run()
-    assert sorted(resumed.losses) == [3, 4] and all(resumed.losses[s] == whole.losses[s] for s in (3, 4))
+    _, resumed = resume_after_kill(lambda: Trainer(reference_config(data, tmp_path / "cut", *common)), 2, whole)
 
 
 @pytest.mark.comfyui

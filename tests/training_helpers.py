@@ -7,7 +7,8 @@
 - ``SMIRK_em1.pt``: SMIRK's expression encoder with random weights under the published key names;
 - a tiny AutoencoderKL saved with ``save_pretrained`` (the smoke config's ``tiny_vae`` weights);
 - pictures that ship in packages (insightface's t1.jpg and Tom_Hanks_54745.png, scikit-image's
-  astronaut), brought to t1's size so the stand-in detector's faces fall on image content.
+  astronaut), brought to t1's size so the stand-in detector's faces fall on image content;
+- :func:`resume_after_kill`, the kill-and-resume check every training stage's tests run.
 """
 
 from __future__ import annotations
@@ -15,11 +16,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from onnx_face_models import TinyRecognizer, _export, export_detector, insightface_images, load_t1
 
 ID_DIM = 16
+
+
+class Killed(Exception):
+    """Stands for the process dying right after a step."""
+
+
+def resume_after_kill(make_trainer, kill_after: int, uninterrupted):
+    """Run ``make_trainer()`` until the process "dies" right after step ``kill_after``, then resume with a new
+    ``make_trainer()`` in the same output folder. The resumed trainer must start from that step's checkpoint
+    and give the ``uninterrupted`` run's loss at every later step. Returns the resumed trainer and its result."""
+
+    def die(step, loss):
+        if step == kill_after:
+            raise Killed
+
+    with pytest.raises(Killed):
+        make_trainer().run(die)
+    trainer = make_trainer()
+    assert trainer.resumed_from.name == f"step-{kill_after:07d}"
+    result = trainer.run()
+    assert sorted(result.losses) == [step for step in sorted(uninterrupted.losses) if step > kill_after]
+    for step in result.losses:
+        assert result.losses[step] == uninterrupted.losses[step], step
+    return trainer, result
 
 
 def write_face_models(folder: Path) -> Path | None:
