@@ -92,7 +92,8 @@ def other_packs(comfy, tmp_path_factory):
 
 
 @pytest.mark.parametrize("api_path", API_WORKFLOWS, ids=lambda p: p.stem)
-def test_ui_form_is_generated_from_the_api_form(comfy, other_packs, api_path):
+def test_shipped_ui_form_is_up_to_date_with_its_api_form_and_the_node_definitions(comfy, other_packs, api_path):
+    """A freshness check: the committed UI form equals what workflows/convert.py writes today."""
     expected = convert.api_to_ui(json.loads(api_path.read_text()), comfy.nodes.NODE_CLASS_MAPPINGS)
     assert json.loads(convert.ui_path(api_path).read_text()) == expected, \
         f"regenerate with: python workflows/convert.py {api_path.relative_to(WORKFLOWS.parent)}"
@@ -247,7 +248,8 @@ def test_every_api_workflow_runs_headless(headless, api_path):
     for path, image in zip(saved, images(saved)):
         assert path.parent == root / api_path.stem / "output"
         # emojidiff_compare saves its two results side by side
-        assert image.shape[0] == SIZE and image.shape[1] in (SIZE, 2 * SIZE) and image.shape[2] == 3 and image.std() > 0
+        # a picture, not a flat or black frame (the stand-in models' pictures have a spread of about 48 levels)
+        assert image.shape[0] == SIZE and image.shape[1] in (SIZE, 2 * SIZE) and image.shape[2] == 3 and image.std() > 10
     previews = {node["_meta"]["title"] for node in prompt.values() if node["class_type"] == "PreviewImage"}
     assert len(list((root / api_path.stem / "temp").glob("*.png"))) >= len(previews)  # each preview showed something
 
@@ -259,7 +261,7 @@ def test_each_workflows_adapters_change_its_picture(headless, api_path):
     runs = runs_by_name(headless, api_path)
     with_adapters, without = runs["workflow"], runs["strengths off"]
     assert len(with_adapters) == len(without)
-    assert largest_difference(with_adapters, without) > 0
+    assert smallest_mean_difference(with_adapters, without) > MOVED
 
 
 def runs_by_name(headless, api_path: Path) -> dict[str, list]:
@@ -276,6 +278,16 @@ def largest_difference(first: list, second: list) -> int:
     return max(np.abs(a - b).max() for a, b in zip(images(first), images(second), strict=True))
 
 
+# An adapter that acts moves every picture by more than this many levels (of 255) on average: measured on the
+# stand-in models, the smallest mean change of any picture was 3.2 (most are 5 to 38); a change of a few pixels
+# or a rounding difference stays far below.
+MOVED = 1.0
+
+
+def smallest_mean_difference(first: list, second: list) -> float:
+    return min(float(np.abs(a - b).mean()) for a, b in zip(images(first), images(second), strict=True))
+
+
 @pytest.mark.full_size
 def test_instantid_and_the_e_adapter_expression_both_act_in_emojidiff_sdxl_instantid(headless):
     """InstantID Patch Attention (identity), then Apply E-Adapter (expression) on one SDXL model. InstantID's weight at
@@ -284,9 +296,9 @@ def test_instantid_and_the_e_adapter_expression_both_act_in_emojidiff_sdxl_insta
     its expression strength alone at 0 gives exactly the picture of all its strengths at 0 (no ID embedding is
     connected, the FaceID LoRA is at 0)."""
     runs = runs_by_name(headless, INSTANTID_WORKFLOW)
-    assert largest_difference(runs["workflow"], runs["InstantID off"]) > 0
-    assert largest_difference(runs["workflow"], runs["expression off"]) > 0
-    assert largest_difference(runs["InstantID off"], runs["expression off"]) > 0
+    assert smallest_mean_difference(runs["workflow"], runs["InstantID off"]) > MOVED
+    assert smallest_mean_difference(runs["workflow"], runs["expression off"]) > MOVED
+    assert smallest_mean_difference(runs["InstantID off"], runs["expression off"]) > MOVED
     assert largest_difference(runs["expression off"], runs["strengths off"]) == 0
 
 
