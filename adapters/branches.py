@@ -10,7 +10,7 @@ device and a dtype, it answers
 - :meth:`scales`: each row's scale, from the layout and the host's per-call options (a guider's switches).
   The strength is in it, and nowhere else; a row with scale 0 gets nothing and is not computed.
 
-A host then calls :func:`add_branch`. ComfyUI's patches (``nodes/*_patch.py``) and the diffusers processor
+A host then calls :func:`add_branch`. ComfyUI's patches (``hosts/comfyui``) and the diffusers processor
 (``adapters.diffusers_host``) both go through here, so the rows and the strength are spelled once.
 """
 

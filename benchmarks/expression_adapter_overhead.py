@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         tokens = adapter.expression_tokens(torch.randn(1, 55))
         uncond = adapter.unconditional_tokens()
-    patched = pack.nodes.cross_attention_patch.apply_cross_attention_branch(plain, adapter, tokens, uncond)
+    patched = pack.hosts.comfyui.cross_attention.apply_cross_attention_branch(plain, adapter, tokens, uncond)
     generator = torch.Generator().manual_seed(2)
     positive = [[torch.randn(1, 77, 768, generator=generator), {}]]
     negative = [[torch.randn(1, 77, 768, generator=generator), {}]]
@@ -77,8 +77,8 @@ def main(argv=None) -> int:
 
 def branch_seconds(pack, patched, positive, negative, args) -> float:
     """Seconds spent in the branch itself during one sampling: each patch call minus the attention it wraps."""
-    patch_module = pack.nodes.cross_attention_patch
-    original = patch_module.CrossAttentionBranchPatch.__call__
+    patch_module = pack.hosts.comfyui.cross_attention
+    original = patch_module.BranchPatch.__call__
     spent = [0.0]
 
     def timed(self, q, k, v, extra_options):
@@ -93,11 +93,11 @@ def branch_seconds(pack, patched, positive, negative, args) -> float:
         spent[0] += max(0.0, (time.perf_counter() - wrapped) - (wrapped - started))
         return out
 
-    patch_module.CrossAttentionBranchPatch.__call__ = timed
+    patch_module.BranchPatch.__call__ = timed
     try:
         time_sampling(patched, torch.zeros(1, 4, 64, 64), positive, negative, args.steps)
     finally:
-        patch_module.CrossAttentionBranchPatch.__call__ = original
+        patch_module.BranchPatch.__call__ = original
     return spent[0]
 
 

@@ -51,7 +51,7 @@ def patched_model(pack, channels: int):
     with torch.no_grad():
         lmk = crafter.landmark_tokens(torch.rand(1, 3, 512, 512))
         emo = crafter.emotion_tokens(torch.rand(1, 10))
-    return pack.nodes.facecrafter_patch.apply_facecrafter(model, crafter, lmk, emo)
+    return pack.hosts.comfyui.facecrafter.apply_facecrafter(model, crafter, lmk, emo)
 
 
 def guiders(pack, model):

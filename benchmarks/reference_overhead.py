@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(3)
     reference_latent = torch.randn(1, 4, 64, 64, generator=generator)
     id_context = torch.randn(1, 77, 768, generator=generator)
-    capture = pack.nodes.reference_patch.capture_reference_features
-    reference_mode, _ = pack.nodes.reference_patch.apply_reference_adapter(plain, random_lora(pack, args.channels),
+    capture = pack.hosts.comfyui.reference.capture_reference_features
+    reference_mode, _ = pack.hosts.comfyui.reference.apply_reference_adapter(plain, random_lora(pack, args.channels),
                                                                             reference_latent, id_context, 0.8)
     positive = [[id_context, {}]]
     negative = [[torch.zeros_like(id_context), {}]]

@@ -21,7 +21,7 @@ from ..adapters.layers import LAYER_SETS
 from ..encoders.core_face_landmarks import read_core_face_landmarks, read_each
 from ..encoders.expression_metrics import expression_scores
 from ..encoders.previews import score_table
-from .e_adapter_patch import apply_e_adapter
+from ..hosts.comfyui.e_adapter import apply_e_adapter
 from .types import ArcFaceEmbeddingType, CoreFaceLandmarksType, EAdapterType, FaceLandmarkerType
 from .validation import check_choices, check_numbers
 
@@ -141,25 +141,8 @@ class ApplyEAdapter(io.ComfyNode):
             if image_embeds is None:
                 raise ValueError("the CLIP vision output has no image_embeds: use a CLIP vision model with a projection "
                                  "(ViT-H/14 for the E-Adapter)")
-        patched = apply_e_adapter(model, e_adapter, id_embedding, image_embeds, id_strength, expression_strength,
-                                  expression_layers, start_at, end_at, lora_strength=0.0 if e_adapter.lora_file else lora_strength)
-        if e_adapter.lora_file and lora_strength:
-            patched = apply_lora_file(patched, e_adapter.lora_file, lora_strength)
-        return io.NodeOutput(patched)
-
-
-def apply_lora_file(model, path: str, strength: float):
-    """A LoRA file through ComfyUI's own loader and key mapping, as Load LoRA (model only) does."""
-    import comfy.lora
-    import comfy.utils
-
-    state = comfy.utils.load_torch_file(path, safe_load=True)
-    patches = comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
-    if not patches:
-        raise ValueError(f"{path}: no LoRA weight of this file fits the model (is it the FaceID LoRA for this base?)")
-    patched = model.clone()
-    patched.add_patches(patches, strength)
-    return patched
+        return io.NodeOutput(apply_e_adapter(model, e_adapter, id_embedding, image_embeds, id_strength, expression_strength,
+                                             expression_layers, start_at, end_at, lora_strength=lora_strength))
 
 
 SCORE_OUTPUTS = (0, 1, 2)  # exp_mean, exp_sum, lms: the FLOAT outputs

@@ -9,7 +9,7 @@ from ..adapters.checkpoints import EXPRESSION_ADAPTER_FILE, adapter_file_kind
 from ..adapters.expression_adapter import ExpressionAdapter
 from ..encoders.expression_edit import edit_flame
 from ..encoders.expressions import FlameExpression
-from .cross_attention_patch import apply_cross_attention_branch
+from ..hosts.comfyui.cross_attention import apply_cross_attention_branch
 from .model_folders import model_choices, model_file
 from .types import ExpressionAdapterType, FlameExpressionType
 from .validation import check_choices, check_numbers

@@ -24,7 +24,7 @@ from ..encoders.face_mesh import REGIONS
 from ..encoders.landmark_image import PALETTES, render_landmark_image
 from ..encoders.previews import landmarks_overlay
 from ..encoders.smirk import SMIRK_CHECKPOINT_NAME, encode_expression, load_smirk_encoder
-from .helper_models import HelperModel, helper_module
+from ..hosts.comfyui.helper_models import HelperModel, helper_module
 from .model_folders import model_choices, model_file
 from .types import (
     ArkitBlendshapesType,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import comfy.model_management as model_management
 import comfy.samplers
 import torch
 from comfy_api.latest import io
@@ -24,7 +23,8 @@ from ..adapters.facecrafter import (
 from ..adapters.rows import CONDITIONAL_KEY
 from ..encoders.core_face_landmarks import as_landmarks
 from ..encoders.landmark_pose import pose_sweep
-from .facecrafter_patch import apply_facecrafter, facecrafter_applications
+from ..hosts.comfyui.facecrafter import apply_facecrafter, facecrafter_applications
+from ..hosts.comfyui.helper_models import helper_of
 from .model_folders import model_choices, model_file
 from .types import EmotionType, FaceCrafterType, FaceLandmarksType, landmarks_input
 from .validation import check_choices, check_numbers
@@ -75,14 +75,11 @@ def landmark_tokens(crafter: FaceCrafter, images: torch.Tensor, allow_blank: boo
 
 
 def _on_compute_device(module, condition: torch.Tensor) -> torch.Tensor:
-    """Tokens computed once, on ComfyUI's device, kept on the CPU."""
-    device = model_management.get_torch_device()
+    """Tokens computed once, kept on the CPU; the module's encoder runs where ComfyUI's model management loads it,
+    as SMIRK's and EmoNet's do."""
+    helper = helper_of(module, module.kind)
     with torch.no_grad():
-        module.to(device)
-        try:
-            return module.tokens(condition.to(device)).cpu()
-        finally:
-            module.to("cpu")
+        return helper.loaded().tokens(condition.to(helper.patcher.load_device)).cpu()
 
 
 class ApplyFaceCrafter(io.ComfyNode):

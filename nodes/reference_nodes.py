@@ -8,8 +8,8 @@ from comfy_api.latest import io
 from ..adapters.checkpoints import REFERENCE_LORA_FILE, adapter_file_kind
 from ..adapters.lora import ReferenceLora
 from ..encoders.face_align import aligned_portraits
+from ..hosts.comfyui.reference import apply_reference_adapter
 from .model_folders import model_choices, model_file
-from .reference_patch import apply_reference_adapter
 from .types import FaceAnalyzerType, ReferenceAdapterType
 from .validation import check_choices, check_numbers
 

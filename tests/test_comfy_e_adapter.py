@@ -50,7 +50,7 @@ def conditions(batch: int, seed: int = 5):
 
 
 def apply(comfy, model, adapter, id_embeddings=None, image_embeds=None, **options):
-    return comfy.pack.nodes.e_adapter_patch.apply_e_adapter(model, adapter, id_embeddings, image_embeds, **options)
+    return comfy.pack.hosts.comfyui.e_adapter.apply_e_adapter(model, adapter, id_embeddings, image_embeds, **options)
 
 
 def diffusers_reference(hosts, published, family, order, id_embeddings, image_embeds, id_scale=1.0, expression_scale=1.0):
@@ -89,7 +89,7 @@ def test_comfy_patch_equals_diffusers_multi_ip_adapter(comfy, published, family,
     # the expression branch sits exactly on its layer set: 16 on SD1.5, up_blocks.0.attentions.1 on SDXL
     registered = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     expected_keys = {layer.comfy_key for layer in adapter.identity.layers}
-    replaced = {key: comfy.pack.nodes.stacking.replace_below(registered, key) for key in expected_keys}  # what ComfyUI calls for each layer
+    replaced = {key: comfy.pack.hosts.comfyui.stacking.replace_below(registered, key) for key in expected_keys}  # what ComfyUI calls for each layer
     assert len(registered) == len(expected_keys) and all(patch.key == key for key, patch in replaced.items())
     expression_keys = {key for key, patch in replaced.items() if "expression image" in patch.cache.conditions}
     assert expression_keys == {layer.comfy_key for layer in adapter.expression_branch().layers}
@@ -156,7 +156,7 @@ def test_faceid_lora_goes_through_comfy_weight_patching_with_its_own_strength(co
         kohya[f"{name}.alpha"] = torch.tensor(float(weights.rank))
     lora_file = tmp_path / "ip-adapter-faceid_sd15_lora.safetensors"
     save_file(kohya, str(lora_file))
-    from_file = comfy.pack.nodes.e_adapter_nodes.apply_lora_file(
+    from_file = comfy.pack.hosts.comfyui.e_adapter.apply_lora_file(
         apply(comfy, hosts.model, adapter, id_embeddings, image_embeds, lora_strength=0.0), str(lora_file), 0.6)
     torch.testing.assert_close(hosts.comfy(from_file, cond_or_uncond=[UNCOND, COND]), expected, atol=1e-4, rtol=1e-4)
 

@@ -18,7 +18,7 @@ LAYOUTS = {"SD1.5": SD15, "SDXL": SDXL}
 
 
 def apply(comfy, model, adapter, expression, strength=1.0, start_at=0.0, end_at=1.0):
-    patch = comfy.pack.nodes.cross_attention_patch
+    patch = comfy.pack.hosts.comfyui.cross_attention
     with torch.no_grad():
         return patch.apply_cross_attention_branch(model, adapter, adapter.expression_tokens(expression),
                                                   adapter.unconditional_tokens(), strength, start_at, end_at)
@@ -32,8 +32,8 @@ def test_hosts_agree_and_every_cross_attention_layer_is_patched(comfy, family):
     patched = apply(comfy, hosts.model, adapter, expression)
 
     registered = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
-    model_keys = comfy.pack.nodes.cross_attention_patch.cross_attention_widths(hosts.model.model.diffusion_model)
-    replaced = {key: comfy.pack.nodes.stacking.replace_below(registered, key) for key in model_keys}  # what ComfyUI calls for each layer
+    model_keys = comfy.pack.hosts.comfyui.cross_attention.cross_attention_widths(hosts.model.model.diffusion_model)
+    replaced = {key: comfy.pack.hosts.comfyui.stacking.replace_below(registered, key) for key in model_keys}  # what ComfyUI calls for each layer
     assert set(model_keys) == {layer.comfy_key for layer in cross_attention_layers(LAYOUTS[family])}
     assert all(patch.key == key and patch.cache.conditions["expression"].adapter is adapter for key, patch in replaced.items())
     # SD1.5's blocks hold one transformer each: the patch sits under the block's key, where IPAdapter_plus looks

@@ -31,7 +31,7 @@ def tokens_of(crafter, images=None, emotion=None):
 
 
 def apply(comfy, model, crafter, lmk, emo, **options):
-    return comfy.pack.nodes.facecrafter_patch.apply_facecrafter(model, crafter, lmk, emo, **options)
+    return comfy.pack.hosts.comfyui.facecrafter.apply_facecrafter(model, crafter, lmk, emo, **options)
 
 
 def diffusers_rows(hosts, crafter, lmk, emo, alpha_lmk, alpha_emo, extra=None):
@@ -88,7 +88,7 @@ def test_keys_values_are_projected_once_per_run_not_per_step(comfy):
     crafter = random_facecrafter()
     lmk, emo = tokens_of(crafter, landmark_images(), torch.rand(1, 10))
     patched = apply(comfy, hosts.model, crafter, lmk, emo)
-    [application] = comfy.pack.nodes.facecrafter_patch.facecrafter_applications(patched)
+    [application] = comfy.pack.hosts.comfyui.facecrafter.facecrafter_applications(patched)
     sample(comfy, patched, cfg_guider(patched, cfg=2.0), steps=3)
     assert application.projections == 2 * 16  # two modules x 16 layers, for 3 steps x 2 rows
     assert not application._cache  # emptied after the run
@@ -242,7 +242,7 @@ def test_stacks_with_the_expression_adapter(comfy):
     expression = torch.randn(1, 55)
     with torch.no_grad():
         cond, uncond = adapter.expression_tokens(expression), adapter.unconditional_tokens()
-    with_expression = comfy.pack.nodes.cross_attention_patch.apply_cross_attention_branch(hosts.model, adapter, cond, uncond)
+    with_expression = comfy.pack.hosts.comfyui.cross_attention.apply_cross_attention_branch(hosts.model, adapter, cond, uncond)
     both = apply(comfy, with_expression, crafter, lmk, emo)
     expected = diffusers_rows(hosts, crafter, lmk, emo, [0.0, 1.0], [0.0, 1.0],
                               extra={"expression": (adapter, torch.cat([uncond, cond]))})
@@ -254,7 +254,7 @@ def test_the_reference_adapter_goes_on_top(comfy):
     crafter = random_facecrafter()
     lmk, emo = tokens_of(crafter, landmark_images(), torch.rand(1, 10))
     lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
-    apply_reference = comfy.pack.nodes.reference_patch.apply_reference_adapter
+    apply_reference = comfy.pack.hosts.comfyui.reference.apply_reference_adapter
     latent, id_context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, CONTEXT_DIM)
     on_top, _ = apply_reference(apply(comfy, hosts.model, crafter, lmk, emo), lora, latent, id_context, 0.8)
     underneath, _ = apply_reference(hosts.model, lora, latent, id_context, 0.8)
@@ -272,11 +272,11 @@ def stacked_model(comfy, kind, hosts, crafter, lmk, emo):
         adapter = random_expression_adapter()
         with torch.no_grad():
             cond, uncond = adapter.expression_tokens(torch.randn(1, 55, generator=generator)), adapter.unconditional_tokens()
-        underneath = comfy.pack.nodes.cross_attention_patch.apply_cross_attention_branch(hosts.model, adapter, cond, uncond)
+        underneath = comfy.pack.hosts.comfyui.cross_attention.apply_cross_attention_branch(hosts.model, adapter, cond, uncond)
         return apply(comfy, underneath, crafter, lmk, emo)
     lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
     latent = torch.randn(1, 4, 8, 8, generator=generator)
-    on_top, _ = comfy.pack.nodes.reference_patch.apply_reference_adapter(apply(comfy, hosts.model, crafter, lmk, emo),
+    on_top, _ = comfy.pack.hosts.comfyui.reference.apply_reference_adapter(apply(comfy, hosts.model, crafter, lmk, emo),
                                                                         lora, latent, POSITIVE, 0.8)
     return on_top
 

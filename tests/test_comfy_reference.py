@@ -25,7 +25,7 @@ def make_reference(comfy, hosts: Hosts, strength=0.8, references=1, seed=5):
     id_context = torch.randn(1, 7, CONTEXT_DIM, generator=generator)
     lora_state = random_reference_lora_state()
     pack_lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(lora_state)
-    patched, features = comfy.pack.nodes.reference_patch.apply_reference_adapter(hosts.model, pack_lora, latent, id_context, strength)
+    patched, features = comfy.pack.hosts.comfyui.reference.apply_reference_adapter(hosts.model, pack_lora, latent, id_context, strength)
     return patched, features, latent, id_context, ReferenceLora.from_state_dict(lora_state)
 
 
@@ -71,7 +71,7 @@ def test_unconditional_rows_are_bit_identical_and_conditional_rows_change(comfy)
     # with the LoRA on, unconditional rows are exactly the LoRA-patched model's
     with_lora, _, _, _, lora = make_reference(comfy, hosts, strength=0.8)
     lora_only = hosts.model.clone()
-    lora_only.add_patches(comfy.pack.nodes.reference_patch.native_lora_patches(lora_only, lora, 0.8), 0.8)
+    lora_only.add_patches(comfy.pack.hosts.comfyui.reference.native_lora_patches(lora_only, lora, 0.8), 0.8)
     assert torch.equal(hosts.comfy(with_lora, cond_or_uncond=[1, 0])[0], hosts.comfy(lora_only, cond_or_uncond=[1, 0])[0])
 
 
@@ -117,7 +117,7 @@ def test_an_sdxl_model_is_refused(comfy):
     hosts = Hosts("SDXL", batch=1)
     lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
     with pytest.raises(ValueError, match="supports SD1.5-family models"):
-        comfy.pack.nodes.reference_patch.apply_reference_adapter(hosts.model, lora, torch.zeros(1, 4, 8, 8),
+        comfy.pack.hosts.comfyui.reference.apply_reference_adapter(hosts.model, lora, torch.zeros(1, 4, 8, 8),
                                                                  torch.zeros(1, 7, CONTEXT_DIM), 0.8)
 
 
@@ -129,9 +129,9 @@ def test_composes_with_the_expression_adapter_in_either_order(comfy):
     expression = torch.randn(1, 55)
     with torch.no_grad():
         tokens, uncond = adapter.expression_tokens(expression), adapter.unconditional_tokens()
-    apply_expression = comfy.pack.nodes.cross_attention_patch.apply_cross_attention_branch
+    apply_expression = comfy.pack.hosts.comfyui.cross_attention.apply_cross_attention_branch
     lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
-    apply_reference = comfy.pack.nodes.reference_patch.apply_reference_adapter
+    apply_reference = comfy.pack.hosts.comfyui.reference.apply_reference_adapter
     latent, id_context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, CONTEXT_DIM)
 
     expression_first, _ = apply_reference(apply_expression(hosts.model, adapter, tokens, uncond), lora, latent, id_context, 0.8)
@@ -158,7 +158,7 @@ def lifted_for_a_run(comfy, model):
     """``model`` as one sampling run sees it: our OUTER_SAMPLE stacking wrapper has lifted our replaces over later
     ones that overwrote them (here applied to a clone, since the test calls the UNet without a sampler)."""
     run = model.clone()
-    comfy.pack.nodes.stacking.lift_ours_over_later_replaces(run.model_options)
+    comfy.pack.hosts.comfyui.stacking.lift_ours_over_later_replaces(run.model_options)
     return run
 
 
@@ -170,7 +170,7 @@ def test_an_earlier_attn1_replace_runs_for_every_row_in_either_order(comfy, orde
 
     hosts = Hosts("SD1.5", batch=2 * len(order))
     lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
-    apply_reference = comfy.pack.nodes.reference_patch.apply_reference_adapter
+    apply_reference = comfy.pack.hosts.comfyui.reference.apply_reference_adapter
     latent, id_context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, CONTEXT_DIM)
     calls = []  # (rows, extra key tokens beyond the query's own) per call of the other pack's replace
 

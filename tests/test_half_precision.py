@@ -54,27 +54,27 @@ def e_adapter(family: str, folder) -> EAdapter:
 
 
 def patch(comfy, kind: str, model, family: str, folder):
-    nodes = comfy.pack.nodes
+    host = comfy.pack.hosts.comfyui
     generator = torch.Generator().manual_seed(3)
     if kind == "expression":
         adapter = random_expression_adapter(family)
         with torch.no_grad():
             tokens = adapter.expression_tokens(torch.randn(1, 55, generator=generator))
-        return nodes.cross_attention_patch.apply_cross_attention_branch(model, adapter, tokens, adapter.unconditional_tokens())
+        return host.cross_attention.apply_cross_attention_branch(model, adapter, tokens, adapter.unconditional_tokens())
     if kind == "e_adapter":  # both branches and the FaceID LoRA
         identity = F.normalize(torch.randn(1, 512, generator=generator), dim=-1)
-        return nodes.e_adapter_patch.apply_e_adapter(model, e_adapter(family, folder), identity,
+        return host.e_adapter.apply_e_adapter(model, e_adapter(family, folder), identity,
                                                      torch.randn(1, 1024, generator=generator))
     if kind == "facecrafter":
         crafter = random_facecrafter()
         with torch.no_grad():
             lmk = crafter.landmark_tokens(landmark_images().permute(0, 3, 1, 2))
             emo = crafter.emotion_tokens(torch.rand(1, 10, generator=generator))
-        return nodes.facecrafter_patch.apply_facecrafter(model, crafter, lmk, emo)
+        return host.facecrafter.apply_facecrafter(model, crafter, lmk, emo)
     assert kind == "reference"
     lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
     latent, id_context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 7, CONTEXT_DIM, generator=generator)
-    patched, _ = nodes.reference_patch.apply_reference_adapter(model, lora, latent, id_context, 0.8)
+    patched, _ = host.reference.apply_reference_adapter(model, lora, latent, id_context, 0.8)
     return patched
 
 

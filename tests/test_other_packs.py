@@ -1,4 +1,4 @@
-"""Our patches beside the real IPAdapter_plus, InstantID and PuLID, in either order (``nodes/stacking.py``).
+"""Our patches beside the real IPAdapter_plus, InstantID and PuLID, in either order (``hosts/comfyui/stacking.py``).
 
 The packs are the unmodified snapshots in ``../shared/packs/``, extracted into a throw-away ``custom_nodes``
 folder and loaded with ComfyUI's own custom-node loader. Their model files are stand-ins in the published
@@ -227,24 +227,24 @@ def e_adapter(family: str, folder: Path) -> EAdapter:
 
 def ours(comfy, kind: str, model, family: str, strength: float, folder: Path):
     """One of our patches on ``model`` at ``strength``."""
-    pack = comfy.pack.nodes
+    host = comfy.pack.hosts.comfyui
     if kind == "expression":
         adapter = random_expression_adapter(family, token_dim=token_width(family))
         with torch.no_grad():
             tokens = adapter.expression_tokens(torch.randn(1, 55, generator=torch.Generator().manual_seed(23)))
-        return pack.cross_attention_patch.apply_cross_attention_branch(model, adapter, tokens, adapter.unconditional_tokens(),
+        return host.cross_attention.apply_cross_attention_branch(model, adapter, tokens, adapter.unconditional_tokens(),
                                                                        strength)
     if kind == "e_adapter_id":
-        return pack.e_adapter_patch.apply_e_adapter(model, e_adapter(family, folder), identity(), None, id_strength=strength)
+        return host.e_adapter.apply_e_adapter(model, e_adapter(family, folder), identity(), None, id_strength=strength)
     if kind == "e_adapter_expression":
-        return pack.e_adapter_patch.apply_e_adapter(model, e_adapter(family, folder), None, image_embeds(24),
+        return host.e_adapter.apply_e_adapter(model, e_adapter(family, folder), None, image_embeds(24),
                                                     expression_strength=strength, expression_layers="all")
     assert kind == "facecrafter"
     crafter = random_facecrafter()
     with torch.no_grad():
         lmk = crafter.landmark_tokens(landmark_images().permute(0, 3, 1, 2))
         emo = crafter.emotion_tokens(torch.rand(1, 10, generator=torch.Generator().manual_seed(25)))
-    return pack.facecrafter_patch.apply_facecrafter(model, crafter, lmk, emo, lmk_strength=strength, emo_strength=strength)
+    return host.facecrafter.apply_facecrafter(model, crafter, lmk, emo, lmk_strength=strength, emo_strength=strength)
 
 
 def theirs(packs, pack: str, model, family: str, weight: float, models: Path, rgb):
@@ -297,7 +297,7 @@ def test_e_adapter_id_with_ipadapter_plus_equals_diffusers_multi_ip_adapter(comf
     lambda_id, weight = 0.8, 0.7
 
     def add_ours(model):
-        return comfy.pack.nodes.e_adapter_patch.apply_e_adapter(model, adapter, identity(), None, id_strength=lambda_id)
+        return comfy.pack.hosts.comfyui.e_adapter.apply_e_adapter(model, adapter, identity(), None, id_strength=lambda_id)
 
     def add_theirs(model):
         return ipadapter(packs, model, family, weight)
@@ -372,7 +372,7 @@ def test_a_callback_added_to_ours_runs_as_in_their_attn2replace(comfy, packs):
     for number, layer in enumerate(cross_attention_layers(SD15)):
         kwargs = {"weight": 0.3, "sigma_start": 5.0, "sigma_end": 1.0, "module_key": str(number)}
         theirs_model.set_model_attn2_replace(attn2replace(callback, **kwargs), *layer.comfy_key)
-        comfy.pack.nodes.stacking.replace_below(registered, layer.comfy_key).add(callback, **kwargs)
+        comfy.pack.hosts.comfyui.stacking.replace_below(registered, layer.comfy_key).add(callback, **kwargs)
     for sigma, runs in ((0.5, False), (3.0, True), (10.0, False)):
         seen.clear()
         expected = hosts.comfy(theirs_model, cond_or_uncond=ROW_ORDERS[0], sigma=sigma)
@@ -400,7 +400,7 @@ def test_their_in_place_add_leaves_the_model_they_were_given_as_it_was(comfy, pa
     before = outputs(hosts, patched)
     stacked = theirs(packs, pack, patched, family, 1.0, model_folders, t1[0])
     placed = [replace for replace in stacked.model_options["transformer_options"]["patches_replace"]["attn2"].values()
-              if isinstance(replace, comfy.pack.nodes.stacking.StackableReplace)]
+              if isinstance(replace, comfy.pack.hosts.comfyui.stacking.StackableReplace)]
     # they added to ours, in the clone; in the middle block only where they use ComfyUI's key ("middle", 0):
     # InstantIDAttentionPatch does, IPAdapter_plus and PuLID register ("middle", 1), which ComfyUI never calls
     middle_added = pack == "InstantID"
@@ -419,7 +419,7 @@ def reference_adapter(comfy, model, latent_size: int = 8):
     lora = comfy.pack.adapters.lora.ReferenceLora.from_state_dict(random_reference_lora_state())
     latent = torch.randn(1, 4, latent_size, latent_size, generator=generator)
     id_context = torch.randn(1, 7, 32, generator=generator)
-    patched, _ = comfy.pack.nodes.reference_patch.apply_reference_adapter(model, lora, latent, id_context, 0.8)
+    patched, _ = comfy.pack.hosts.comfyui.reference.apply_reference_adapter(model, lora, latent, id_context, 0.8)
     return patched
 
 
@@ -487,7 +487,7 @@ def test_torch_compile_gives_the_eager_latent(comfy, packs, model_folders):
     adapter = random_expression_adapter("SD1.5")
     with torch.no_grad():
         tokens = adapter.expression_tokens(torch.randn(1, 55, generator=torch.Generator().manual_seed(23)))
-    gated = comfy.pack.nodes.cross_attention_patch.apply_cross_attention_branch(
+    gated = comfy.pack.hosts.comfyui.cross_attention.apply_cross_attention_branch(
         hosts.model, adapter, tokens, adapter.unconditional_tokens(), 1.0, 0.0, 0.5)
     patched = ipadapter(packs, gated, "SD1.5")
     eager = sample(patched, latent_size=8, steps=2)

@@ -130,7 +130,7 @@ def test_exported_adapter_loads_and_changes_the_comfyui_output(comfy, shards, tm
     unet = tiny_unet({"seed": 0}).eval()  # the smoke config's base UNet
     model = comfy_model("SD1.5", unet.state_dict())
     expression = torch.randn(1, 55, generator=torch.Generator().manual_seed(3))
-    patch = comfy.pack.nodes.cross_attention_patch
+    patch = comfy.pack.hosts.comfyui.cross_attention
     with torch.no_grad():
         patched = patch.apply_cross_attention_branch(model, adapter, adapter.expression_tokens(expression),
                                                      adapter.unconditional_tokens(), 1.0, 0.0, 1.0)

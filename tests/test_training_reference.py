@@ -115,7 +115,7 @@ def test_exported_lora_changes_the_comfyui_reference_output(comfy, data, tmp_pat
     generator = torch.Generator().manual_seed(4)
     latent = torch.randn(1, 4, 8, 8, generator=generator)
     context = torch.randn(1, 77, 32, generator=generator)
-    apply = comfy.pack.nodes.reference_patch.apply_reference_adapter
+    apply = comfy.pack.hosts.comfyui.reference.apply_reference_adapter
     x = torch.randn(1, 4, 8, 8, generator=generator)
 
     def output(strength):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.e_adapter import EAdapter
-from .cross_attention_patch import apply_cross_attention_branch, check_model_fits
-from .reference_patch import native_lora_patches
+from ...adapters.e_adapter import EAdapter
+from .cross_attention import apply_cross_attention_branch, check_model_fits
+from .reference import native_lora_patches
 
 RECOGNIZER_ATTRIBUTE = "recognizer"  # set on ARCFACE_EMBEDDING tensors by Face Embed
 
@@ -29,14 +29,33 @@ def check_recognizer(adapter: EAdapter, embeddings: torch.Tensor) -> None:
 
 
 def apply_faceid_lora(model, adapter: EAdapter, strength: float):
-    """A clone of ``model`` with the FaceID LoRA at ``strength`` (``model`` itself when there is none or 0)."""
-    if not adapter.lora or strength == 0.0:
+    """A clone of ``model`` with the FaceID LoRA at ``strength`` (``model`` itself when there is none or 0): the
+    separate LoRA file Load E-Adapter chose (``adapter.lora_file``), else the one inside the FaceID file."""
+    if strength == 0.0:
+        return model
+    if adapter.lora_file:
+        return apply_lora_file(model, adapter.lora_file, strength)
+    if not adapter.lora:
         return model
     patched = model.clone()
     patches = native_lora_patches(patched, adapter.lora_weights(), strength)
     applied = patched.add_patches(patches, strength)
     if len(applied) != len(patches):
         raise ValueError(f"{adapter.kind}: {len(patches) - len(applied)} FaceID LoRA weights have no matching model weight")
+    return patched
+
+
+def apply_lora_file(model, path: str, strength: float):
+    """A LoRA file through ComfyUI's own loader and key mapping, as Load LoRA (model only) does."""
+    import comfy.lora
+    import comfy.utils
+
+    state = comfy.utils.load_torch_file(path, safe_load=True)
+    patches = comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    if not patches:
+        raise ValueError(f"{path}: no LoRA weight of this file fits the model (is it the FaceID LoRA for this base?)")
+    patched = model.clone()
+    patched.add_patches(patches, strength)
     return patched
 
 

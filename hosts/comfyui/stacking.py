@@ -30,7 +30,7 @@ from collections import Counter
 
 import torch
 
-from .attention_host import attention_before, transformer_blocks
+from .attention import attention_before, transformer_blocks
 
 NO_SIGMA = 999999999.9  # what their Attn2Replace takes when a caller passes no sigmas: every callback runs
 OURS_KEY = "expression_adapters.replaces"  # model_options: ((attention, replace), ...) in the order installed

@@ -38,3 +38,12 @@ class HelperModel:
 def helper_module(value) -> torch.nn.Module:
     """The loaded module of a helper-model socket value (a :class:`HelperModel`, or a bare module as before)."""
     return value.loaded() if isinstance(value, HelperModel) else value
+
+
+def helper_of(module: torch.nn.Module, name: str) -> HelperModel:
+    """The :class:`HelperModel` of a module that travels inside another socket value (FaceCrafter's control
+    modules), made once and kept on the module."""
+    helper = getattr(module, "_comfy_helper", None)
+    if helper is None:
+        helper = module._comfy_helper = HelperModel(module, name)
+    return helper

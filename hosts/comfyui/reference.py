@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.layers import SD15, self_attention_layers
-from ..adapters.reference import attend_with_reference
-from ..adapters.rows import COND, RowLayout
-from .attention_host import transformer_blocks
-from .cross_attention_patch import PerRunCache
+from ...adapters.layers import SD15, self_attention_layers
+from ...adapters.reference import attend_with_reference
+from ...adapters.rows import COND, RowLayout
+from .attention import transformer_blocks
+from .cross_attention import PerRunCache
 from .stacking import StackableReplace, install_replaces
 
 

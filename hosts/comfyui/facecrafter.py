@@ -9,8 +9,8 @@ passes each chunk's conditioning index in ``cond_or_uncond``, in whatever order 
 
 from __future__ import annotations
 
-from ..adapters.facecrafter import MODULE_NAMES, SwitchedCondition
-from .cross_attention_patch import BranchCache, SigmaGate, check_model_fits, install_branch_patches
+from ...adapters.facecrafter import MODULE_NAMES, SwitchedCondition
+from .cross_attention import BranchCache, SigmaGate, check_model_fits, install_branch_patches
 
 APPLICATIONS_KEY = "facecrafter"  # model_options entry listing the FaceCrafter applications on a model
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..adapters.branches import TokenCondition, add_branch, is_off
-from ..adapters.layers import layout_for_cross_attention_keys
-from ..adapters.rows import RowLayout
-from .attention_host import transformer_blocks
+from ...adapters.branches import TokenCondition, add_branch, is_off
+from ...adapters.layers import layout_for_cross_attention_keys
+from ...adapters.rows import RowLayout
+from .attention import transformer_blocks
 from .stacking import StackableReplace, install_replaces
 
 

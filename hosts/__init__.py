@@ -1,0 +1,1 @@
+"""Where the adapters' maths (``adapters/``) runs: ComfyUI's models (``hosts/comfyui``) and diffusers' UNet."""
