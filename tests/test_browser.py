@@ -26,6 +26,7 @@ import copy
 import importlib.metadata
 import json
 import os
+import re
 import urllib.request
 from pathlib import Path
 
@@ -181,6 +182,36 @@ def test_workflow_loads_readably_and_gives_its_api_form(frontend, name):
     assert_gives_api_form(frontend, name)
 
     frontend.screenshot(ARTIFACTS / f"{name}.png", clip=frontend.fit_view())
+
+
+# Workflows saved before our socket types took the EXPR_ prefix (nodes/types.py): these three hold every type.
+OLD_FORM_WORKFLOWS = ["arc2face_reference", "emojidiff_compare", "facecrafter_animation"]
+
+
+def with_old_type_names(workflow: dict) -> dict:
+    """``workflow`` as it was saved before the rename: our types without EXPR_, and our landmark inputs typed
+    with our own type alone (they take core's FACE_LANDMARKS as well now)."""
+    text = re.sub(r'"EXPR_([A-Z0-9_]+)(,FACE_LANDMARKS)?"', r'"\1"', json.dumps(workflow))
+    return json.loads(text)
+
+
+def test_the_old_form_workflows_hold_every_renamed_type():
+    ours = set(re.findall(r'io\.Custom\("(EXPR_[A-Z0-9_]+)"\)', (WORKFLOWS.parent / "nodes" / "types.py").read_text()))
+    held = {t for name in OLD_FORM_WORKFLOWS for t in re.findall(r'"(EXPR_[A-Z0-9_]+)', (WORKFLOWS / f"{name}.json").read_text())}
+    assert len(ours) == 14 and held == ours
+
+
+@pytest.mark.parametrize("name", OLD_FORM_WORKFLOWS)
+def test_a_workflow_saved_with_the_old_type_names_loads_and_gives_its_api_form(frontend, name):
+    old = with_old_type_names(json.loads((WORKFLOWS / f"{name}.json").read_text()))
+    assert "EXPR_" not in json.dumps(old)
+    frontend.load_workflow(old, name)
+    assert frontend.dialogs() == [] and frontend.issues() == [] and frontend.error_toasts() == []
+    assert_gives_api_form(frontend, name)
+    # the frontend takes each socket's type from the node definitions, so new links get the new types
+    slot_types = frontend.page.evaluate(
+        "() => window.app.graph._nodes.flatMap(n => [...(n.inputs || []), ...(n.outputs || [])].map(s => s.type))")
+    assert "EXPR_FACE_ANALYZER" in slot_types and "FACE_ANALYZER" not in slot_types
 
 
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
