@@ -6,18 +6,18 @@
 - image (``ip-adapter_sd15.bin`` / ``ip-adapter_sdxl_vit-h.bin``): ``{"image_proj": {proj.*, norm.*},
   "ip_adapter": {N.to_k_ip.weight, N.to_v_ip.weight}}`` on every cross-attention layer.
 
-The widths are those of the tiny UNets of ``tiny_unets`` (``width``) unless a width function is given.
+The widths are those of the tiny UNets of ``tiny_unets`` (``width``) unless a width function is given. Unlike
+the training package's stand-ins (``training.tiny.write_standin_published``, read off a diffusers UNet), these need
+no UNet and draw every tensor, biases and norms too, at a scale that visibly moves the tiny models' outputs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from adapters.layers import SD15, SDXL, attention_layers
+from adapters.layers import LAYOUTS, attention_layers
 from tiny_unets import CONTEXT_DIM, tiny_width
-
-LAYOUTS = {"SD1.5": SD15, "SDXL": SDXL}
-LORA_PARTS = ("to_q", "to_k", "to_v", "to_out")
+from training.tiny import LORA_PARTS, save_published
 
 
 def _random(generator, *shape, std=0.3):
@@ -64,10 +64,7 @@ def image_state(family: str = "SD1.5", seed: int = 1, token_dim: int = CONTEXT_D
 
 
 def write_published(folder, family: str = "SD1.5", clip_dim: int = 1024, lora_rank: int | None = 4):
-    """The two published-layout .bin files (nested dicts, ``torch.save``); returns their paths."""
-    suffix = "sd15" if family == "SD1.5" else "sdxl"
-    faceid_path = folder / f"ip-adapter-faceid_{suffix}.bin"
-    image_path = folder / ("ip-adapter_sd15.bin" if family == "SD1.5" else "ip-adapter_sdxl_vit-h.bin")
-    torch.save(faceid_state(family, lora_rank=lora_rank), faceid_path)
-    torch.save(image_state(family, clip_dim=clip_dim), image_path)
-    return faceid_path, image_path
+    """The two published-layout .bin files of these states (written as the training package writes its own);
+    returns their paths."""
+    return save_published(folder, LAYOUTS[family], faceid_state(family, lora_rank=lora_rank),
+                          image_state(family, clip_dim=clip_dim))

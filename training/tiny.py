@@ -1,4 +1,4 @@
-"""Random tiny models built from config blocks, for the smoke config, tests and benchmarks.
+"""Random tiny models and stand-in files built from config blocks, for the smoke config, tests and benchmarks.
 
 They are the real diffusers / transformers classes with narrow widths, so every code path of
 training (processors, checkpointing, LoRA, sampling) runs as with Arc2Face, only faster.
@@ -12,6 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from adapters.e_adapter import ID_DIM
+from adapters.layers import SDXL, UNetLayout, attention_layers
 
 # The tiny SD1.5-shaped UNet, every SD1.5 block present; the tests (tests/tiny_unets.py) build theirs from it.
 TINY_UNET_DEFAULTS = {
@@ -36,6 +40,8 @@ TINY_VAE_DEFAULTS = {
 }
 TINY_ID_ENCODER_DEFAULTS = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 PROMPT_WORDS = ("photo", "of", "a", "id", "person")
+# the LoRA of the published FaceID files: its key part -> the attention's module it adapts
+LORA_PARTS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 
 
 def _options(block: Mapping | None, defaults: Mapping) -> tuple[dict, int]:
@@ -133,3 +139,92 @@ def tiny_clip_vision(block: Mapping | None = None):
     seed = int(options.pop("seed", 0))
     torch.manual_seed(seed)
     return transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**options)).eval()
+
+
+# -- stand-ins of EmojiDiff's models ------------------------------------------------------------------
+
+
+def tiny_text_encoders(block: Mapping, work_dir) -> list[tuple[object, nn.Module]]:
+    """Random tiny CLIP text encoders (stand-ins) on the tiny tokenizer: one, or with ``sdxl: true`` SDXL's pair
+    (``hidden_size`` each, the second with a ``projection_dim`` pooled output)."""
+    import transformers
+
+    from encoders.arc2face_id import load_clip_tokenizer
+
+    options, seed = _options(block, TINY_ID_ENCODER_DEFAULTS)
+    sdxl = bool(options.pop("sdxl", False))
+    projection_dim = int(options.pop("projection_dim", 32))
+    tokenizer = load_clip_tokenizer(write_tiny_tokenizer(Path(work_dir) / "tiny_tokenizer"))
+    vocab = tokenizer.get_vocab()
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=bos,
+                                         eos_token_id=eos, pad_token_id=eos, projection_dim=projection_dim, **options)
+    torch.manual_seed(seed)
+    encoders = [(tokenizer, transformers.CLIPTextModel(config))]
+    if sdxl:
+        encoders.append((tokenizer, transformers.CLIPTextModelWithProjection(config)))
+    return encoders
+
+
+def write_standin_published(unet, layout: UNetLayout, folder, seed: int = 0, lora_rank: int = 4) -> tuple[Path, Path]:
+    """Random stand-in files in the published IP-Adapter layouts, sized for ``unet``: a FaceID ``.bin`` (MLP
+    projection, every cross-attention layer's K/V, a LoRA on every attention processor) and an image ``.bin``
+    (Linear + LayerNorm projection of 1024-d CLIP embeddings, every layer's K/V). For smoke runs and tests.
+    ``layout``: the UNet's (``training.models.unet_layout``)."""
+    token_dim = int(unet.config.cross_attention_dim)
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def random(*shape, std):
+        return torch.randn(*shape, generator=generator) * std
+
+    faceid_proj = {"proj.0.weight": random(1024, ID_DIM, std=0.05), "proj.0.bias": torch.zeros(1024),
+                   "proj.2.weight": random(4 * token_dim, 1024, std=0.03), "proj.2.bias": torch.zeros(4 * token_dim),
+                   "norm.weight": torch.ones(token_dim), "norm.bias": torch.zeros(token_dim)}
+    image_proj = {"proj.weight": random(4 * token_dim, 1024, std=0.03), "proj.bias": torch.zeros(4 * token_dim),
+                  "norm.weight": torch.ones(token_dim), "norm.bias": torch.zeros(token_dim)}
+    faceid_kv, image_kv = {}, {}
+    for layer in attention_layers(layout):
+        attn, n = unet.get_submodule(layer.diffusers_name), layer.checkpoint_number
+        if layer.is_cross:
+            for out in (faceid_kv, image_kv):
+                for name in ("to_k_ip", "to_v_ip"):
+                    out[f"{n}.{name}.weight"] = random(attn.to_k.out_features, token_dim, std=token_dim ** -0.5)
+        for part, target in LORA_PARTS.items() if lora_rank else ():
+            linear = attn.get_submodule(target)
+            faceid_kv[f"{n}.{part}_lora.down.weight"] = random(lora_rank, linear.in_features, std=0.1)
+            faceid_kv[f"{n}.{part}_lora.up.weight"] = random(linear.out_features, lora_rank, std=0.01)
+    return save_published(folder, layout, {"image_proj": faceid_proj, "ip_adapter": faceid_kv},
+                          {"image_proj": image_proj, "ip_adapter": image_kv})
+
+
+def save_published(folder, layout: UNetLayout, faceid: Mapping, image: Mapping) -> tuple[Path, Path]:
+    """The FaceID and image states saved (``torch.save``) under the published file names for ``layout``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = "sdxl" if layout is SDXL else "sd15"
+    paths = folder / f"ip-adapter-faceid_{suffix}.bin", folder / ("ip-adapter_sdxl_vit-h.bin" if layout is SDXL else "ip-adapter_sd15.bin")
+    for path, state in zip(paths, (faceid, image), strict=True):
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.partial")  # several processes may write the same file
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    return paths
+
+
+def tiny_recognizer_net(block: Mapping | None) -> nn.Module:
+    """A random stand-in for ArcFace (112 x 112 RGB -> ``dim``-d): smoke runs and tests only."""
+    options = dict(block or {})
+    torch.manual_seed(int(options.get("seed", 0)))
+    return nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.ReLU(), nn.Conv2d(8, 8, 4, 4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 7 * 7, int(options.get("dim", 32))))
+
+
+class TinyFan(nn.Module):
+    """A random stand-in for a FAN: 256 x 256 crops -> ``{"heatmap": B x 68 x 16 x 16}`` (smoke runs and tests)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 8, 8), nn.ReLU(), nn.Conv2d(16, 68, 3, 2, 1))
+
+    def forward(self, crops):
+        return {"heatmap": self.net(crops)}

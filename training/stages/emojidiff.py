@@ -19,7 +19,6 @@ Each exports our E-Adapter safetensors (:meth:`EAdapter.save`), which Load E-Ada
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,14 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.diffusers_host import attach_adapters
-from adapters.e_adapter import ID_DIM, EAdapter
-from adapters.layers import SDXL, attention_layers
+from adapters.e_adapter import EAdapter
+from adapters.layers import SDXL
 
 from ..models import unet_layout
+from ..tiny import TinyFan, tiny_recognizer_net, tiny_text_encoders, write_standin_published
 from .base import DenoisingStage
-
-LORA_PARTS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
-
 
 # -- text ------------------------------------------------------------------------------------------
 
@@ -95,78 +92,15 @@ class PromptEncoder:
         return torch.cat([r[0] for r in rows]), pooled
 
 
-def tiny_text_encoders(block: Mapping, work_dir) -> list[tuple[object, nn.Module]]:
-    """Random tiny CLIP text encoders (stand-ins) on the tiny tokenizer: one, or with ``sdxl: true`` SDXL's pair
-    (``hidden_size`` each, the second with a ``projection_dim`` pooled output)."""
-    import transformers
-
-    from encoders.arc2face_id import load_clip_tokenizer
-
-    from ..tiny import write_tiny_tokenizer
-
-    options = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64} | dict(block)
-    seed, sdxl = int(options.pop("seed", 0)), bool(options.pop("sdxl", False))
-    projection_dim = int(options.pop("projection_dim", 32))
-    tokenizer = load_clip_tokenizer(write_tiny_tokenizer(Path(work_dir) / "tiny_tokenizer"))
-    vocab = tokenizer.get_vocab()
-    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
-    config = transformers.CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=bos,
-                                         eos_token_id=eos, pad_token_id=eos, projection_dim=projection_dim, **options)
-    torch.manual_seed(seed)
-    encoders = [(tokenizer, transformers.CLIPTextModel(config))]
-    if sdxl:
-        encoders.append((tokenizer, transformers.CLIPTextModelWithProjection(config)))
-    return encoders
-
-
 # -- the adapter -------------------------------------------------------------------------------------
-
-
-def write_standin_published(unet, folder, seed: int = 0, lora_rank: int = 4) -> tuple[Path, Path]:
-    """Random stand-in files in the published IP-Adapter layouts, sized for ``unet``: a FaceID ``.bin`` (MLP
-    projection, every cross-attention layer's K/V, a LoRA on every attention processor) and an image ``.bin``
-    (Linear + LayerNorm projection of 1024-d CLIP embeddings, every layer's K/V). For smoke runs and tests."""
-    layout = unet_layout(unet)
-    token_dim = int(unet.config.cross_attention_dim)
-    generator = torch.Generator().manual_seed(int(seed))
-
-    def random(*shape, std):
-        return torch.randn(*shape, generator=generator) * std
-
-    faceid_proj = {"proj.0.weight": random(1024, ID_DIM, std=0.05), "proj.0.bias": torch.zeros(1024),
-                   "proj.2.weight": random(4 * token_dim, 1024, std=0.03), "proj.2.bias": torch.zeros(4 * token_dim),
-                   "norm.weight": torch.ones(token_dim), "norm.bias": torch.zeros(token_dim)}
-    image_proj = {"proj.weight": random(4 * token_dim, 1024, std=0.03), "proj.bias": torch.zeros(4 * token_dim),
-                  "norm.weight": torch.ones(token_dim), "norm.bias": torch.zeros(token_dim)}
-    faceid_kv, image_kv = {}, {}
-    for layer in attention_layers(layout):
-        attn, n = unet.get_submodule(layer.diffusers_name), layer.checkpoint_number
-        if layer.is_cross:
-            for out in (faceid_kv, image_kv):
-                for name in ("to_k_ip", "to_v_ip"):
-                    out[f"{n}.{name}.weight"] = random(attn.to_k.out_features, token_dim, std=token_dim ** -0.5)
-        for part, target in LORA_PARTS.items() if lora_rank else ():
-            linear = attn.get_submodule(target)
-            faceid_kv[f"{n}.{part}_lora.down.weight"] = random(lora_rank, linear.in_features, std=0.1)
-            faceid_kv[f"{n}.{part}_lora.up.weight"] = random(linear.out_features, lora_rank, std=0.01)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = "sdxl" if layout is SDXL else "sd15"
-    paths = folder / f"ip-adapter-faceid_{suffix}.bin", folder / ("ip-adapter_sdxl_vit-h.bin" if layout is SDXL else "ip-adapter_sd15.bin")
-    for path, state in zip(paths, ({"image_proj": faceid_proj, "ip_adapter": faceid_kv},
-                                   {"image_proj": image_proj, "ip_adapter": image_kv}), strict=True):
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.partial")  # several processes may write the same file
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    return paths
 
 
 def published_files(cfg: Mapping, unet, work_dir) -> tuple[Path | None, Path | None]:
     """The FaceID and image IP-Adapter files: the configured ones, or stand-ins written under ``work_dir``."""
     if cfg.get("standin_published") is not None:
         block = dict(cfg["standin_published"])
-        return write_standin_published(unet, Path(work_dir) / "standin_published", int(block.get("seed", 0)),
-                                       int(block.get("lora_rank", 4)))
+        return write_standin_published(unet, unet_layout(unet), Path(work_dir) / "standin_published",
+                                       int(block.get("seed", 0)), int(block.get("lora_rank", 4)))
     return cfg.get("faceid"), cfg.get("image_adapter")
 
 
@@ -515,7 +449,7 @@ class EmojiDiffICAStage(EmojiDiffRefinedStage):
         return {"loss_sd": loss_sd, "loss_id": loss_id, "loss_exp": loss_exp}
 
 
-# -- face geometry and stand-in networks of ICA --------------------------------------------------------
+# -- face geometry of ICA ------------------------------------------------------------------------
 
 # MediaPipe indices of the 5 ArcFace points, in the template's order (image-left eye first).
 ARCFACE_FROM_MEDIAPIPE = ((33, 133), (362, 263), (1,), (61,), (291,))
@@ -535,24 +469,3 @@ def landmark_crop_matrices(landmarks: torch.Tensor, image_size: int, crop_size: 
     zero = torch.zeros_like(scale)
     return torch.stack([torch.stack([scale, zero, crop_size / 2 - centre[:, 0] * scale], -1),
                         torch.stack([zero, scale, crop_size / 2 - centre[:, 1] * scale], -1)], 1)
-
-
-def tiny_recognizer_net(block: Mapping | None) -> nn.Module:
-    """A random stand-in for ArcFace (112 x 112 RGB -> ``dim``-d): smoke runs and tests only."""
-    options = dict(block or {})
-    torch.manual_seed(int(options.get("seed", 0)))
-    return nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.ReLU(), nn.Conv2d(8, 8, 4, 4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(8 * 7 * 7, int(options.get("dim", 32))))
-
-
-class TinyFan(nn.Module):
-    """A random stand-in for a FAN: 256 x 256 crops -> ``{"heatmap": B x 68 x 16 x 16}`` (smoke runs and tests)."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Conv2d(3, 16, 8, 8), nn.ReLU(), nn.Conv2d(16, 68, 3, 2, 1))
-
-    def forward(self, crops):
-        return {"heatmap": self.net(crops)}
-
