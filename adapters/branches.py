@@ -11,7 +11,7 @@ device and a dtype, it answers
   The strength is in it, and nowhere else; a row with scale 0 gets nothing and is not computed.
 
 A host then calls :func:`add_branch`. ComfyUI's patches (``hosts/comfyui``) and the diffusers processor
-(``adapters.diffusers_host``) both go through here, so the rows and the strength are spelled once.
+(``hosts.diffusers``) both go through here, so the rows and the strength are spelled once.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from .attention import decoupled_attention
 from .rows import RowLayout
 
-Scales = float | Sequence[float]
+Scales = float | Sequence[float] | torch.Tensor
 
 
 class TokenCondition:
@@ -51,6 +51,9 @@ class TokenCondition:
 
 
 def is_off(scales: Scales) -> bool:
+    """Whether no row gets the branch. A tensor never is: training keeps every branch in the graph."""
+    if isinstance(scales, torch.Tensor):
+        return False
     return not any(scales) if isinstance(scales, Sequence) else scales == 0.0
 
 
@@ -59,8 +62,12 @@ def add_branch(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value:
     """``out`` plus, on each row, its scale times the attention of its query over ``key``/``value``.
 
     ``key``/``value``: one row per query row, or one for all. ``scales``: one number for every row, or one
-    per row; rows with scale 0 are not computed and come back bit for bit.
+    per row; rows with scale 0 are not computed and come back bit for bit. A tensor of scales (one, or one per
+    row) computes every row: in training the branch's parameters must stay in the graph even where a row's
+    scale is 0, or distributed data parallel waits forever for their gradients.
     """
+    if isinstance(scales, torch.Tensor):
+        return out + decoupled_attention(query, key, value, heads, scales).to(out.dtype)
     if not isinstance(scales, Sequence):
         return out if scales == 0.0 else out + decoupled_attention(query, key, value, heads, scales).to(out.dtype)
     on = [row for row, scale in enumerate(scales) if scale != 0.0]

@@ -202,7 +202,7 @@ class EAdapter(torch.nn.Module):
                              "holds every layer)") from None
 
     def named_adapters(self, layer_set: str = "auto") -> dict[str, CrossAttentionAdapter]:
-        """For ``adapters.diffusers_host.attach_adapters``: tokens go in as ``{"id": ..., "expression": ...}``."""
+        """For ``hosts.diffusers.attach_adapters``: tokens go in as ``{"id": ..., "expression": ...}``."""
         return {"id": self.identity, "expression": self.expression_branch(layer_set)}
 
     def compact_branches(self) -> EAdapter:

@@ -373,7 +373,7 @@ class SwitchedCondition:
 
 def diffusers_kwargs(crafter: FaceCrafter, landmark_tokens: torch.Tensor | None, emotion_tokens: torch.Tensor | None,
                      alpha_lmk, alpha_emo) -> dict:
-    """``cross_attention_kwargs`` for :func:`adapters.diffusers_host.attach_adapters` (``{"lmk": ..., "emo": ...}``).
+    """``cross_attention_kwargs`` for :func:`hosts.diffusers.attach_adapters` (``{"lmk": ..., "emo": ...}``).
 
     Tokens have one row per batch row; alphas are numbers or per-row tensors (the intra-batch switches).
     """

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from adapters.diffusers_host import attach_adapters  # noqa: E402
 from adapters.e_adapter import EAdapter  # noqa: E402
 from e_adapter_standins import write_published  # noqa: E402
+from hosts.diffusers import attach_adapters  # noqa: E402
 from tiny_unets import CONTEXT_DIM, diffusers_unet, sdxl_added_conditions  # noqa: E402
 from training.tiny import tiny_clip_vision  # noqa: E402
 

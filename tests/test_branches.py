@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from adapters.branches import TokenCondition, add_branch
-from adapters.diffusers_host import attach_adapters
 from adapters.facecrafter import GUIDANCE_SWITCHES, SWITCHES_KEY, SwitchedCondition
 from adapters.layers import SD15, cross_attention_layers
 from adapters.rows import COND, UNCOND, RowLayout
+from hosts.diffusers import attach_adapters
 from tiny_unets import CONTEXT_DIM, diffusers_unet, random_expression_adapter
 
 

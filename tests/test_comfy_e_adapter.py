@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters.diffusers_host import attach_adapters
 from adapters.e_adapter import EAdapter
 from adapters.layers import select_layers
 from e_adapter_standins import LAYOUTS, write_published
+from hosts.diffusers import attach_adapters
 from two_hosts import Hosts as TwoHosts
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]

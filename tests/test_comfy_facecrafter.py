@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from adapters.diffusers_host import attach_adapters
 from adapters.facecrafter import GUIDANCE_SWITCHES, diffusers_kwargs
+from hosts.diffusers import attach_adapters
 from tiny_facecrafter import landmark_images, random_facecrafter
 from tiny_unets import CONTEXT_DIM, random_expression_adapter, random_reference_lora_state
 from two_hosts import Hosts

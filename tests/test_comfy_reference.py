@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-from adapters.diffusers_host import ReferenceBank, attach_adapters
 from adapters.lora import ReferenceLora
+from hosts.diffusers import ReferenceBank, attach_adapters
 from tiny_unets import CONTEXT_DIM, random_reference_lora_state
 from two_hosts import Hosts
 

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from adapters.attention import decoupled_attention
 from adapters.branches import add_branch
 from adapters.checkpoints import AdapterFileError
-from adapters.diffusers_host import attach_adapters
 from adapters.facecrafter import (
     CFG_SWITCHES,
     GUIDANCE_SWITCHES,
@@ -29,6 +28,7 @@ from adapters.rows import RowLayout
 from encoders.expressions import Landmarks
 from encoders.landmark_image import render_landmark_image
 from encoders.landmark_pose import pose_landmarks, pose_sweep, rotation_matrix
+from hosts.diffusers import attach_adapters
 from tiny_facecrafter import TINY_EMO, TINY_LMK, landmark_images, random_facecrafter
 
 

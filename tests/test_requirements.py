@@ -38,7 +38,7 @@ import pytest
 from workflows import run
 
 ROOT = Path(__file__).resolve().parents[1]
-FIRST_PARTY = {"adapters", "encoders", "nodes", "training", "workflows"}
+FIRST_PARTY = {"adapters", "encoders", "hosts", "nodes", "training", "workflows"}
 FROM_COMFYUI_REQUIREMENTS = {"torch", "torchvision", "numpy"}  # requirements.txt's header says so
 NEEDS = {"torch.utils.tensorboard": "tensorboard", "torchmetrics.image.fid.NoTrainInceptionV3": "torch_fidelity"}
 OPTIONAL = {"pyiqa": "the LIQE metric (training/metrics.py: pip install pyiqa)",
@@ -46,12 +46,13 @@ OPTIONAL = {"pyiqa": "the LIQE metric (training/metrics.py: pip install pyiqa)",
 
 
 def node_modules() -> list[Path]:
-    return [ROOT / "__init__.py", ROOT / "workflows" / "run.py",
-            *sorted(path for folder in ("nodes", "encoders", "adapters") for path in (ROOT / folder).rglob("*.py"))]
+    """What ComfyUI loads: the pack, its nodes and everything they stand on (ComfyUI never loads the diffusers host)."""
+    return [ROOT / "__init__.py", ROOT / "workflows" / "run.py", ROOT / "hosts" / "__init__.py",
+            *sorted(path for folder in ("nodes", "encoders", "adapters", "hosts/comfyui") for path in (ROOT / folder).rglob("*.py"))]
 
 
 def training_modules() -> list[Path]:
-    return sorted((ROOT / "training").rglob("*.py"))
+    return [*sorted((ROOT / "training").rglob("*.py")), ROOT / "hosts" / "diffusers.py"]
 
 
 def listed(requirements: str) -> set[str]:

@@ -120,7 +120,7 @@ def test_config_errors_name_the_problem(shards, tmp_path):
 
 @pytest.mark.comfyui
 def test_exported_adapter_loads_and_changes_the_comfyui_output(comfy, shards, tmp_path):
-    from adapters.diffusers_host import attach_adapters
+    from hosts.diffusers import attach_adapters
     from tiny_unets import comfy_model
     from training.tiny import tiny_unet
 

@@ -240,7 +240,7 @@ def test_ica_gradients_reach_only_the_trainable_parameters(demo, base_export, id
 @pytest.mark.comfyui
 @pytest.mark.parametrize("stage", ["base", "refined_sdxl"])
 def test_exports_load_in_load_e_adapter_and_change_comfyui_output(comfy, stage, demo, idi_shards, tmp_path):
-    from adapters.diffusers_host import attach_adapters
+    from hosts.diffusers import attach_adapters
     from tiny_unets import comfy_model
     from training.tiny import tiny_unet
 

@@ -273,8 +273,8 @@ def use_folders(patch, name: str, *paths) -> None:
 def test_joint_exports_load_in_comfyui_change_its_output_and_drive_the_guider(comfy, manifest, tmp_path, monkeypatch):
     import comfy.samplers as samplers
 
-    from adapters.diffusers_host import attach_adapters
     from adapters.facecrafter import diffusers_kwargs
+    from hosts.diffusers import attach_adapters
     from tiny_facecrafter import landmark_images
     from tiny_unets import comfy_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adapters.diffusers_host import attach_adapters
+from hosts.diffusers import attach_adapters
 from tiny_unets import CONTEXT_DIM, comfy_model, diffusers_unet, sdxl_added_conditions
 
 

@@ -71,8 +71,8 @@ class IDI:
     """The models and data of one IDI run (see the module docstring); :meth:`row` processes one real image."""
 
     def __init__(self, config: Config, swapper, landmarker, clip_vision=None, device=None):
-        from adapters.diffusers_host import attach_adapters
         from adapters.layers import SD15
+        from hosts.diffusers import attach_adapters
 
         self.config, self.idi, self.cfg = config, config["idi"], config["emojidiff"]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.diffusers_host import ReferenceBank, attach_adapters
 from adapters.expression_adapter import ExpressionAdapter
+from hosts.diffusers import ReferenceBank, attach_adapters
 
 from ..data import PairDataset
 from ..models import HostModels, build_expression_adapter, unet_layout

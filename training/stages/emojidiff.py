@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.diffusers_host import attach_adapters
 from adapters.e_adapter import EAdapter
 from adapters.layers import SDXL
+from hosts.diffusers import attach_adapters
 
 from ..models import unet_layout
 from ..tiny import TinyFan, tiny_recognizer_net, tiny_text_encoders, write_standin_published

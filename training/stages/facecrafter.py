@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from adapters.diffusers_host import attach_adapters
 from adapters.facecrafter import (
     DEFAULT_LANDMARK_STYLE,
     GUIDANCE_SWITCHES,
@@ -45,6 +44,7 @@ from adapters.layers import SD15
 from encoders.arc2face_id import NEGATIVE_FILE
 from encoders.expressions import Landmarks
 from encoders.landmark_image import render_landmark_image
+from hosts.diffusers import attach_adapters
 
 from ..data import ShardDataset
 from ..losses import attention_disentanglement_loss, token_mask

@@ -1,5 +1,8 @@
 """diffusers host for adapter branches: an attention processor for ``UNet2DConditionModel``.
 
+Training and the tests import it as a top-level package (``hosts.diffusers``, beside ``adapters``), as
+``training/`` imports everything; ComfyUI never loads it (the pack's host is ``hosts/comfyui``).
+
 The processor runs the layer's own attention and adds each attached adapter's branch through
 ``adapters.branches``, the seam the ComfyUI patches use too. Branch conditions and the batch's row
 layout travel per forward call in ``cross_attention_kwargs``, as in ComfyUI::
@@ -36,22 +39,23 @@ from collections.abc import Mapping
 
 import torch
 
-from .attention import multi_head_attention
-from .branches import add_branch, is_off
-from .cross_attention_adapter import CrossAttentionAdapter
-from .layers import AttentionLayer
-from .reference import attend_with_reference, reference_rows
-from .rows import RowLayout
+from adapters.attention import multi_head_attention
+from adapters.branches import add_branch, is_off
+from adapters.cross_attention_adapter import CrossAttentionAdapter
+from adapters.layers import AttentionLayer
+from adapters.reference import attend_with_reference, reference_rows
+from adapters.rows import RowLayout
 
 
 class PerRowTokens:
     """Tokens already laid out one row per batch row (training's batches, with per-sample dropout), as a
-    branch condition (``adapters.branches``); ``scale`` a number or one per row (FaceCrafter's switches)."""
+    branch condition (``adapters.branches``); ``scale`` a number or one per row (FaceCrafter's switches). The
+    scale is kept a tensor, so every row is computed and the branch stays in the training graph."""
 
     def __init__(self, adapter, tokens: torch.Tensor, scale=1.0):
         self.adapter = adapter
         self.tokens = tokens
-        self.scale = scale.tolist() if isinstance(scale, torch.Tensor) and scale.dim() else float(scale)
+        self.scale = torch.as_tensor(scale, dtype=torch.float32)
 
     def keys_values(self, layer, layout: RowLayout, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.branch(layer).keys_values(self.tokens.to(device, dtype))
