@@ -20,7 +20,7 @@ picture reaches the output, so a style change moves the output less than with th
 
 What it does not show: anything about the published or trained weights. The models are the tests' stand-ins (a
 tiny SDXL-shaped UNet, a tiny random CLIP vision model, random IP-Adapter-layout files from
-``tests/e_adapter_standins.py``). Random weights have no notion of style or expression, so the same reduction
+``tests/support/e_adapter_standins.py``). Random weights have no notion of style or expression, so the same reduction
 applies to the expression change too; whether the trained ``up_blocks.0.attentions.1`` keeps expression while
 dropping style (EmojiDiff's claim) or carries style (InstantStyle's finding) needs the real SDXL, CLIP ViT-H and a
 trained E-Adapter, and pictures scored with the evaluation metrics (the style/expression column below is printed
@@ -41,9 +41,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from adapters.e_adapter import EAdapter  # noqa: E402
-from e_adapter_standins import write_published  # noqa: E402
 from hosts.diffusers import attach_adapters  # noqa: E402
-from tiny_unets import CONTEXT_DIM, diffusers_unet, sdxl_added_conditions  # noqa: E402
+from support.e_adapter_standins import write_published  # noqa: E402
+from support.tiny_unets import CONTEXT_DIM, diffusers_unet, sdxl_added_conditions  # noqa: E402
 from training.tiny import tiny_clip_vision  # noqa: E402
 
 LAYER_SETS = {"all layers": "all", "up_blocks.0.attentions.1": "emojidiff_expression_sdxl"}

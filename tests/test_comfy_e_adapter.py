@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from adapters.e_adapter import EAdapter
 from adapters.layers import select_layers
-from e_adapter_standins import LAYOUTS, write_published
 from hosts.diffusers import attach_adapters
-from two_hosts import Hosts as TwoHosts
+from support.e_adapter_standins import LAYOUTS, write_published
+from support.two_hosts import Hosts as TwoHosts
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 COND, UNCOND = 0, 1

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from adapters.layers import SD15, SDXL, cross_attention_layers
-from tiny_unets import random_expression_adapter
-from two_hosts import Hosts
+from support.tiny_unets import random_expression_adapter
+from support.two_hosts import Hosts
 
 pytestmark = pytest.mark.comfyui
 LAYOUTS = {"SD1.5": SD15, "SDXL": SDXL}

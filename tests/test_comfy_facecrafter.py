@@ -13,9 +13,9 @@ import torch
 
 from adapters.facecrafter import GUIDANCE_SWITCHES, diffusers_kwargs
 from hosts.diffusers import attach_adapters
-from tiny_facecrafter import landmark_images, random_facecrafter
-from tiny_unets import CONTEXT_DIM, random_expression_adapter, random_reference_lora_state
-from two_hosts import Hosts
+from support.tiny_facecrafter import landmark_images, random_facecrafter
+from support.tiny_unets import CONTEXT_DIM, random_expression_adapter, random_reference_lora_state
+from support.two_hosts import Hosts
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 # Sampled latents reach ~10 in size; batching four chunks or running them one by one changes float32

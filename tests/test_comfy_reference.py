@@ -12,8 +12,8 @@ import torch
 
 from adapters.lora import ReferenceLora
 from hosts.diffusers import ReferenceBank, attach_adapters
-from tiny_unets import CONTEXT_DIM, random_reference_lora_state
-from two_hosts import Hosts
+from support.tiny_unets import CONTEXT_DIM, random_reference_lora_state
+from support.two_hosts import Hosts
 
 pytestmark = pytest.mark.comfyui
 SD15_LATENT_SCALE = 0.18215  # what ComfyUI's process_latent_in applies for SD1.5
@@ -122,7 +122,7 @@ def test_an_sdxl_model_is_refused(comfy):
 
 
 def test_composes_with_the_expression_adapter_in_either_order(comfy):
-    from tiny_unets import random_expression_adapter
+    from support.tiny_unets import random_expression_adapter
 
     hosts = Hosts("SD1.5", batch=2)
     adapter = random_expression_adapter()

@@ -21,7 +21,7 @@ from encoders.core_face_landmarks import (
     similarity_scale,
 )
 from encoders.face_landmarks import FaceLandmarker, NoFaceFound
-from real_faces import detect_t1_faces
+from support.real_faces import detect_t1_faces
 
 CROP_UNITS = 192.0  # core's landmarks_3d unit: the landmark model's crop side
 TURN = 0.3  # radians: the crop frame is turned against the picture, as MediaPipe's rotated face crop is

@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_unets import CONTEXT_DIM
-from two_hosts import Hosts
+from support.tiny_unets import CONTEXT_DIM
+from support.two_hosts import Hosts
 
 pytestmark = pytest.mark.comfyui
 FLAME_DIM = 55

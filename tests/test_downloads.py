@@ -18,7 +18,7 @@ from encoders.downloads import (
     ensure_files,
     main,
 )
-from local_hub import UNREACHABLE, Server, hub_tree
+from support.local_hub import UNREACHABLE, Server, hub_tree
 
 
 def leftovers(folder: Path) -> list[Path]:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from adapters.checkpoints import AdapterFileError, flatten, read_state_dict
 from adapters.e_adapter import EAdapter, ExpressionBranch, IdentityBranch
 from adapters.layers import SD15, SDXL, attention_layers, cross_attention_layers
-from e_adapter_standins import faceid_state, image_state, write_published
+from support.e_adapter_standins import faceid_state, image_state, write_published
 
 SD15_EXPRESSION = list(range(1, 32, 2))
 SDXL_EXPRESSION = list(range(69, 88, 2))  # up_blocks.0.attentions.1 (spec A1: checkpoint numbers 69-87)

@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from e_adapter_standins import faceid_state, image_state, write_published
 from encoders.identity import DETECTOR_FILE
-from onnx_face_models import DET_SIZE, export_detector, export_recognizer, face_crop
-from two_hosts import Hosts as TwoHosts
+from support.e_adapter_standins import faceid_state, image_state, write_published
+from support.onnx_face_models import DET_SIZE, export_detector, export_recognizer, face_crop
+from support.two_hosts import Hosts as TwoHosts
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")]

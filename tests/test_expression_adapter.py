@@ -7,7 +7,7 @@ from torch import nn
 from adapters.checkpoints import AdapterFileError, WeightFileError, read_state_dict
 from adapters.expression_adapter import ExpressionAdapter
 from adapters.layers import SD15, SDXL, cross_attention_layers
-from tiny_unets import random_expression_adapter, tiny_width
+from support.tiny_unets import random_expression_adapter, tiny_width
 
 TOKEN_DIM = 32
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from headless import run_workflow
-from official_files import official_models_dir
+from support.headless import run_workflow
+from support.official_files import official_models_dir
 from workflows import run
 
 pytestmark = pytest.mark.comfyui
@@ -152,7 +152,7 @@ def face_landmarker(enc, monkeypatch, mediapipe_task):
 def face_analyzer(lib, tmp_path_factory, t1):
     """The pack's FaceAnalyzer on stand-in models: the SCRFD-shaped stand-in detector of ``onnx_face_models``
     reports the test data's three t1.jpg faces (nothing in a black picture), through insightface's decoding."""
-    from onnx_face_models import export_detector, export_recognizer
+    from support.onnx_face_models import export_detector, export_recognizer
 
     image, _ = t1
     faces = np.load(TESTDATA / "t1_faces.npz")

@@ -18,7 +18,7 @@ from encoders.face_crops import (
     to_image_batch,
     transform_points,
 )
-from synthetic_faces import CHEEK, LAYOUT, synthetic_face
+from support.synthetic_faces import CHEEK, LAYOUT, synthetic_face
 
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 

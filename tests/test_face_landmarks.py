@@ -22,7 +22,7 @@ from encoders.face_landmarks import (
     face_landmarker_path,
     result_rows,
 )
-from real_faces import arcface_template, as_image, crop, read_rgb, square_around, t1_faces
+from support.real_faces import arcface_template, as_image, crop, read_rgb, square_around, t1_faces
 
 
 def test_missing_model_error_names_folder_file_and_url(tmp_path):
@@ -180,7 +180,7 @@ def test_retry_through_insightface_with_the_stand_in_detector(landmarker, faces,
     """insightface's SCRFD decoding runs on the stand-in detector of ``onnx_face_models`` (no SCRFD weights
     are available offline); it reports the test data's three boxes, MediaPipe does the rest for real."""
     from encoders.identity import FaceAnalyzer
-    from onnx_face_models import export_detector, export_recognizer
+    from support.onnx_face_models import export_detector, export_recognizer
 
     t1 = read_rgb("t1.jpg")
     export_detector(tmp_path / "det.onnx", faces["boxes"], faces["kps5"], [0.9, 0.9, 0.9], t1.shape[:2])

@@ -29,7 +29,7 @@ from encoders.expressions import Landmarks
 from encoders.landmark_image import render_landmark_image
 from encoders.landmark_pose import pose_landmarks, pose_sweep, rotation_matrix
 from hosts.diffusers import attach_adapters
-from tiny_facecrafter import TINY_EMO, TINY_LMK, landmark_images, random_facecrafter
+from support.tiny_facecrafter import TINY_EMO, TINY_LMK, landmark_images, random_facecrafter
 
 
 def conv(c_in, c_out, k):
@@ -191,7 +191,7 @@ def test_landmark_images_are_resized_and_blank_ones_found():
 
 
 def test_diffusers_host_switches_rows_and_alpha_zero_rows_equal_the_base_model():
-    from tiny_unets import CONTEXT_DIM, diffusers_unet
+    from support.tiny_unets import CONTEXT_DIM, diffusers_unet
 
     unet = diffusers_unet("SD1.5")
     crafter = random_facecrafter()

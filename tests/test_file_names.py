@@ -85,7 +85,7 @@ def test_the_recognizer_choice_stays_in_the_insightface_folder(comfy, tmp_path, 
 
 
 def test_a_model_folder_that_links_to_another_disk_keeps_working(comfy, tmp_path, monkeypatch):
-    from tiny_unets import random_expression_adapter
+    from support.tiny_unets import random_expression_adapter
 
     other_disk = tmp_path / "other_disk"
     other_disk.mkdir()

@@ -16,10 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from adapters.e_adapter import EAdapter
-from e_adapter_standins import faceid_state, image_state
-from tiny_facecrafter import landmark_images, random_facecrafter
-from tiny_unets import CONTEXT_DIM, comfy_model, random_expression_adapter, random_reference_lora_state
-from two_hosts import Hosts as TwoHosts
+from support.e_adapter_standins import faceid_state, image_state
+from support.tiny_facecrafter import landmark_images, random_facecrafter
+from support.tiny_unets import (
+    CONTEXT_DIM,
+    comfy_model,
+    random_expression_adapter,
+    random_reference_lora_state,
+)
+from support.two_hosts import Hosts as TwoHosts
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 DTYPES = [torch.float16, torch.bfloat16]

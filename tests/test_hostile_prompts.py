@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_browser import ComfyServer
+from support.comfy_browser import ComfyServer
 from workflows import run as runner
 
 pytestmark = pytest.mark.comfyui

@@ -28,7 +28,7 @@ from encoders.identity import (
     sort_by_area,
 )
 from encoders.images import bgr_to_image_tensor, to_bgr_uint8_list, to_uint8_rgb
-from onnx_face_models import (
+from support.onnx_face_models import (
     DET_SIZE,
     export_detector,
     export_recognizer,

@@ -20,9 +20,9 @@ import torch
 
 from encoders.downloads import ARC2FACE_REPO
 from encoders.identity import DETECTOR_FILE
-from local_hub import UNREACHABLE, Server, hub_tree
-from official_files import ID_ENCODER_DIR, UNET_FILE, official_models_dir
-from onnx_face_models import (
+from support.local_hub import UNREACHABLE, Server, hub_tree
+from support.official_files import ID_ENCODER_DIR, UNET_FILE, official_models_dir
+from support.onnx_face_models import (
     DET_SIZE,
     export_detector,
     export_recognizer,

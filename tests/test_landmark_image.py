@@ -7,7 +7,7 @@ import torch
 from encoders.expressions import Landmarks
 from encoders.face_mesh import REGIONS, region_edges, region_points
 from encoders.landmark_image import PALETTES, canvas_points, render_landmark_image
-from synthetic_faces import LAYOUT, synthetic_face
+from support.synthetic_faces import LAYOUT, synthetic_face
 
 
 def test_region_tables_match_mediapipe():

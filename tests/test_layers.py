@@ -9,7 +9,7 @@ from adapters.layers import (
     select_layers,
     self_attention_layers,
 )
-from tiny_unets import diffusers_unet
+from support.tiny_unets import diffusers_unet
 
 
 def test_layer_counts():

@@ -33,13 +33,13 @@ import torch.nn.functional as F
 
 from adapters.e_adapter import EAdapter
 from adapters.layers import SD15, SDXL, cross_attention_layers
-from e_adapter_standins import faceid_state, image_state
 from encoders.identity import DETECTOR_FILE
-from onnx_face_models import export_detector, export_recognizer
-from pack_snapshots import PACKS, extract
-from tiny_facecrafter import landmark_images, random_facecrafter
-from tiny_unets import random_expression_adapter, random_reference_lora_state, tiny_width
-from two_hosts import Hosts as TwoHosts
+from support.e_adapter_standins import faceid_state, image_state
+from support.onnx_face_models import export_detector, export_recognizer
+from support.pack_snapshots import PACKS, extract
+from support.tiny_facecrafter import landmark_images, random_facecrafter
+from support.tiny_unets import random_expression_adapter, random_reference_lora_state, tiny_width
+from support.two_hosts import Hosts as TwoHosts
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 COND, UNCOND = 0, 1
@@ -509,7 +509,7 @@ HALF_CASES = [(pack, family, kind, dtype) for pack, family, kind in (
 
 @cache
 def half_model(family: str, dtype: torch.dtype):
-    from tiny_unets import comfy_model
+    from support.tiny_unets import comfy_model
 
     return comfy_model(family, Hosts(family).unet.state_dict(), dtype)
 

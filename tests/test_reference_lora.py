@@ -5,7 +5,7 @@ import torch
 
 from adapters.checkpoints import AdapterFileError, write_safetensors
 from adapters.lora import ReferenceLora
-from tiny_unets import random_reference_lora_state
+from support.tiny_unets import random_reference_lora_state
 
 
 @pytest.mark.parametrize("form", ["diffusers", "peft"])

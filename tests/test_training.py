@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from adapters.expression_adapter import ExpressionAdapter
+from support.training_helpers import PreparedModels, resume_after_kill, write_pictures
 from training.config import ConfigError, load_config
 from training.data import collate
 from training.prepare import main as prepare
 from training.train import Trainer
 from training.train import main as train_main
-from training_helpers import PreparedModels, resume_after_kill, write_pictures
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 SMOKE = "training/configs/smoke.yaml"
@@ -121,7 +121,7 @@ def test_config_errors_name_the_problem(shards, tmp_path):
 @pytest.mark.comfyui
 def test_exported_adapter_loads_and_changes_the_comfyui_output(comfy, shards, tmp_path):
     from hosts.diffusers import attach_adapters
-    from tiny_unets import comfy_model
+    from support.tiny_unets import comfy_model
     from training.tiny import tiny_unet
 
     result = Trainer(smoke_config(shards / "manifest.json", tmp_path, "train.max_steps=3")).run()

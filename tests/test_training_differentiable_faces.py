@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from onnx_face_models import export_recognizer
+from support.onnx_face_models import export_recognizer
 from training.differentiable_faces import (
     ARCFACE_TEMPLATE,
     arcface_similarity,

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from adapters.e_adapter import EAdapter
+from support.training_helpers import FakeSwapper, resume_after_kill
 from training.config import load_config
 from training.data import ShardDataset, collate
 from training.demo_data import build_demo_data, find_face_landmarker
 from training.metrics import exp_mean, lms_score
 from training.shards import load_index
 from training.train import Trainer
-from training_helpers import FakeSwapper, resume_after_kill
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 CONFIGS = {"base": "training/configs/emojidiff_base_smoke.yaml", "refined": "training/configs/emojidiff_refined_smoke.yaml",
@@ -241,7 +241,7 @@ def test_ica_gradients_reach_only_the_trainable_parameters(demo, base_export, id
 @pytest.mark.parametrize("stage", ["base", "refined_sdxl"])
 def test_exports_load_in_load_e_adapter_and_change_comfyui_output(comfy, stage, demo, idi_shards, tmp_path):
     from hosts.diffusers import attach_adapters
-    from tiny_unets import comfy_model
+    from support.tiny_unets import comfy_model
     from training.tiny import tiny_unet
 
     cfg = config(stage, data_for(stage, demo, idi_shards), tmp_path, "train.max_steps=2", "emojidiff.faceid_lora_scale=0")
@@ -261,7 +261,7 @@ def test_exports_load_in_load_e_adapter_and_change_comfyui_output(comfy, stage, 
     t = torch.full((1,), 500.0)
     extra, added = {}, None
     if family == "SDXL":
-        from tiny_unets import sdxl_added_conditions
+        from support.tiny_unets import sdxl_added_conditions
 
         added, y = sdxl_added_conditions(unet, 1)
         extra = {"y": y}

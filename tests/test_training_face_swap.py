@@ -1,6 +1,6 @@
 """IDI's inswapper path (training/face_swap.py) through insightface's own INSwapper code, on t1.jpg.
 
-The model file is a stand-in with the official ``inswapper_128.onnx`` interface (tests/onnx_face_models.py:
+The model file is a stand-in with the official ``inswapper_128.onnx`` interface (tests/support/onnx_face_models.py:
 inputs ``target`` and ``source``, ``emap`` as the last initializer) that paints its whole output crop one
 colour computed from the embedding it is fed; the buffalo_l folder holds the stand-in SCRFD-shaped detector
 (it finds three of t1.jpg's faces) and a stand-in ``w600k_r50.onnx`` recogniser. The swapper is built as
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_face_models import export_detector, export_inswapper, export_recognizer, insightface_images
+from support.onnx_face_models import export_detector, export_inswapper, export_recognizer, insightface_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 

@@ -17,6 +17,7 @@ import torch
 from adapters.facecrafter import FaceCrafter
 from adapters.layers import SD15, cross_attention_layers
 from encoders.arc2face_id import Arc2FaceIDEncoder
+from support.training_helpers import resume_after_kill
 from training.config import ConfigError, load_config
 from training.data import collate
 from training.models import load_host_models
@@ -25,7 +26,6 @@ from training.shards import ShardWriter, npy_bytes, shard_name, write_json_atomi
 from training.stages import build_stage
 from training.tiny import tiny_unet
 from training.train import Trainer
-from training_helpers import resume_after_kill
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 CONFIGS = {"facecrafter_lmk": "training/configs/facecrafter_lmk_smoke.yaml",
@@ -275,8 +275,8 @@ def test_joint_exports_load_in_comfyui_change_its_output_and_drive_the_guider(co
 
     from adapters.facecrafter import diffusers_kwargs
     from hosts.diffusers import attach_adapters
-    from tiny_facecrafter import landmark_images
-    from tiny_unets import comfy_model
+    from support.tiny_facecrafter import landmark_images
+    from support.tiny_unets import comfy_model
 
     tokenizer = comfy.path / "comfy" / "sd1_tokenizer"  # the tokenizer Load Arc2Face ID Encoder uses
     trainer = Trainer(config_for("facecrafter_joint", manifest, tmp_path, "train.max_steps=3", "train.learning_rate=1e-2",

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from encoders.head_pose import head_pose_from_matrix
+from support.training_helpers import PreparedModels, write_pictures
 from training.annotate import face_oval_mask
 from training.data import ShardDataset
 from training.prepare import main as prepare
 from training.shards import load_index, read_member
-from training_helpers import PreparedModels, write_pictures
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -91,7 +91,7 @@ def prepared(tmp_path_factory, mediapipe_task):
     models = PreparedModels(root)
     if models.insightface is None:
         pytest.skip("shared/testdata/t1_faces.npz (the stand-in detector's faces) not found")
-    from onnx_face_models import export_recognizer
+    from support.onnx_face_models import export_recognizer
 
     faceid = root / "w600k_r50.onnx"
     export_recognizer(faceid, seed=1)

@@ -2,7 +2,7 @@
 ``training.benchmarks``, which builds each paper's benchmark layout from a user's pictures.
 
 The protocol numbers are the papers' (shared/papers): Arc2Face-Exp 4.1 and supplementary, EmojiDiff 4, FaceCrafter
-4.1-4.2. Insightface and onnxruntime run for real on stand-in ONNX models (tests/onnx_face_models.py) and t1.jpg."""
+4.1-4.2. Insightface and onnxruntime run for real on stand-in ONNX models (tests/support/onnx_face_models.py) and t1.jpg."""
 
 import json
 from collections import Counter
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from encoders.identity import DETECTOR_FILE
-from onnx_face_models import export_detector, export_recognizer
+from support.onnx_face_models import export_detector, export_recognizer
 from training import benchmarks, paper_tables
 from training.evaluate import load_targets
 from training.evaluate import main as evaluate

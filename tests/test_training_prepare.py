@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from support.training_helpers import PreparedModels, write_clip, write_pictures
 from training.data import ShardDataset
 from training.prepare import main as prepare
 from training.shards import load_index, read_member
-from training_helpers import PreparedModels, write_clip, write_pictures
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -174,7 +174,7 @@ def test_landmark_annotation_with_the_real_mediapipe_model(models, inputs, media
     """The faces come from the stand-in detector (the test data's t1.jpg boxes); MediaPipe is Google's real
     model. Its landmarks on the aligned crop must match the test data's mesh of that face, mapped into the
     crop by the stored crop matrix; SMIRK then crops around them."""
-    from onnx_face_models import TESTDATA
+    from support.onnx_face_models import TESTDATA
 
     folder, pictures = inputs
     resolution = 256

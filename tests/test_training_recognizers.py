@@ -1,6 +1,6 @@
 """Which recogniser measures ID similarity in ``training.evaluate``: each paper's own for its table (EmojiDiff:
 antelopev2's glintr100.onnx; Arc2Face and FaceCrafter: arcface.onnx), the other on request. Runs insightface and
-onnxruntime for real on stand-in ONNX models (tests/onnx_face_models.py) and t1.jpg."""
+onnxruntime for real on stand-in ONNX models (tests/support/onnx_face_models.py) and t1.jpg."""
 
 import json
 
@@ -8,7 +8,7 @@ import cv2
 import pytest
 
 from encoders.identity import DETECTOR_FILE, FaceAnalyzer
-from onnx_face_models import export_detector, export_recognizer
+from support.onnx_face_models import export_detector, export_recognizer
 from training.evaluate import main as evaluate
 
 

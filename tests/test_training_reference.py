@@ -14,12 +14,12 @@ import torch
 
 from adapters.checkpoints import read_state_dict
 from adapters.lora import ReferenceLora
-from tiny_unets import random_expression_adapter
+from support.tiny_unets import random_expression_adapter
+from support.training_helpers import PreparedModels, resume_after_kill, write_clip
 from training.config import ConfigError, load_config
 from training.data import collate
 from training.prepare import main as prepare
 from training.train import Trainer
-from training_helpers import PreparedModels, resume_after_kill, write_clip
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 SMOKE = "training/configs/smoke.yaml"
@@ -106,7 +106,7 @@ def test_reference_lora_overfits_resumes_and_exports(data, tmp_path):
 
 @pytest.mark.comfyui
 def test_exported_lora_changes_the_comfyui_reference_output(comfy, data, tmp_path):
-    from tiny_unets import comfy_model
+    from support.tiny_unets import comfy_model
     from training.tiny import tiny_unet
 
     result = Trainer(reference_config(data, tmp_path, "train.max_steps=3", "train.learning_rate=1e-2")).run()

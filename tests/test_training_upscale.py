@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from support.training_helpers import write_tiny_vae
 from training.shards import ShardWriter, load_index, npy_bytes, read_sample
 from training.upscale import main as upscale
-from training_helpers import write_tiny_vae
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")
 SIZE = 32

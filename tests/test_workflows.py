@@ -29,11 +29,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_browser import sample_photo, write_video
-from headless import run_arguments
-from onnx_face_models import face_crop, insightface_images
-from pack_snapshots import INSTANTID, NODE_TYPES, extract, packs_for
-from workflow_models import LANDMARKER, write_instantid_face_models, write_workflow_models
+from support.comfy_browser import sample_photo, write_video
+from support.headless import run_arguments
+from support.onnx_face_models import face_crop, insightface_images
+from support.pack_snapshots import INSTANTID, NODE_TYPES, extract, packs_for
+from support.workflow_models import LANDMARKER, write_instantid_face_models, write_workflow_models
 from workflows import convert
 
 pytestmark = pytest.mark.comfyui

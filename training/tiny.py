@@ -17,7 +17,7 @@ from torch import nn
 from adapters.e_adapter import ID_DIM
 from adapters.layers import SDXL, UNetLayout, attention_layers
 
-# The tiny SD1.5-shaped UNet, every SD1.5 block present; the tests (tests/tiny_unets.py) build theirs from it.
+# The tiny SD1.5-shaped UNet, every SD1.5 block present; the tests (tests/support/tiny_unets.py) build theirs from it.
 TINY_UNET_DEFAULTS = {
     "sample_size": 8,
     "block_out_channels": [32, 64, 128, 128],

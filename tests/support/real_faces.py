@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from onnx_face_models import TESTDATA, insightface_images
+from support.onnx_face_models import TESTDATA, insightface_images
 
 
 def read_rgb(name: str) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
 DET_SIZE = 640
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-PACKS = Path(__file__).resolve().parents[2] / "shared" / "packs"
+PACKS = Path(__file__).resolve().parents[3] / "shared" / "packs"
 INSTANTID = "ComfyUI_InstantID-1ef34ef5.tar.gz"
 # Each snapshot's node types (its NODE_CLASS_MAPPINGS), so a workflow tells which packs it needs without loading any
 NODE_TYPES = {

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "comfyui_expression_adapters"  # the folder name under custom_nodes; the templates are served under it
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 VIEWPORT = {"width": 2400, "height": 1500}

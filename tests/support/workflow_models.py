@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from e_adapter_standins import faceid_state, image_state
-from official_files import SD15_WIDTHS, TEXT_ENCODER_FILE, UNET_FILE, VAE_FILE, official_models_dir
-from onnx_face_models import export_detector, export_recognizer
-from training_helpers import write_face_models, write_smirk_checkpoint
+from support.e_adapter_standins import faceid_state, image_state
+from support.official_files import SD15_WIDTHS, TEXT_ENCODER_FILE, UNET_FILE, VAE_FILE, official_models_dir
+from support.onnx_face_models import export_detector, export_recognizer
+from support.training_helpers import write_face_models, write_smirk_checkpoint
 
 CACHE = Path(os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE", Path.home() / ".cache" / "expression_adapters_tests"))
 LANDMARKER = CACHE / "mediapipe" / "face_landmarker.task"
@@ -229,8 +229,8 @@ def cached_in_own_process(folder: str, name: str, writer: str, *arguments: Path)
     """``CACHE/folder/name``, written once by ``writer(path, *arguments)`` in a process of its own, so the test
     process never holds what building it takes (InstantID's 1.7 GB file)."""
     if not (CACHE / folder / ".complete").exists():
-        here = Path(__file__).resolve().parent
-        call = (f"import pathlib, workflow_models as m; m.cached({folder!r}, {{{name!r}: lambda path: m.{writer}(path, "
+        here = Path(__file__).resolve().parents[1]  # tests/, where ``support`` is
+        call = (f"import pathlib, support.workflow_models as m; m.cached({folder!r}, {{{name!r}: lambda path: m.{writer}(path, "
                 + "".join(f"pathlib.Path({str(argument)!r}), " for argument in arguments) + ")})")
         subprocess.run([sys.executable, "-c", call], check=True, timeout=1800,
                        env=os.environ | {"PYTHONPATH": os.pathsep.join(map(str, (here, here.parent)))})
@@ -246,9 +246,9 @@ def write_workflow_models(root: Path, t1, comfyui: Path, instantid_pack: Path) -
     rgb, boxes, kps = t1
     official_models_dir()
     if not all((CACHE / folder / ".complete").exists() for folder in ("emojidiff-random-v1", "sdxl-random-v1")):
-        here = Path(__file__).resolve().parent
+        here = Path(__file__).resolve().parents[1]  # tests/, where ``support`` is
         path = os.pathsep.join(map(str, (here, here.parent, comfyui)))
-        subprocess.run([sys.executable, "-c", "import comfy.cli_args; comfy.cli_args.args.cpu = True; import workflow_models; "
+        subprocess.run([sys.executable, "-c", "import comfy.cli_args; comfy.cli_args.args.cpu = True; from support import workflow_models; "
                         "workflow_models.write_cached_checkpoints()"],
                        check=True, timeout=1800, env=os.environ | {"PYTHONPATH": path})
     sd15, sdxl = write_cached_checkpoints()

@@ -6,7 +6,7 @@ import torch
 
 from adapters.facecrafter import EmotionEncoderConfig, FaceCrafter, LandmarkEncoderConfig
 from adapters.layers import SD15, cross_attention_layers
-from tiny_unets import CONTEXT_DIM, tiny_width
+from support.tiny_unets import CONTEXT_DIM, tiny_width
 
 # 64 x 64 landmark images -> 2 x 2 = 4 LMK tokens of CONTEXT_DIM
 TINY_LMK = LandmarkEncoderConfig(image_size=64, channels=(8, 8, 8, 16, 16, 16), token_dim=CONTEXT_DIM, res_blocks=1, groups=8)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from adapters.layers import LAYOUTS, attention_layers
-from tiny_unets import CONTEXT_DIM, tiny_width
+from support.tiny_unets import CONTEXT_DIM, tiny_width
 from training.tiny import LORA_PARTS, save_published
 
 

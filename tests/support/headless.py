@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUN_PY = Path(__file__).resolve().parents[1] / "workflows" / "run.py"
+RUN_PY = Path(__file__).resolve().parents[2] / "workflows" / "run.py"
 
 
 def run_arguments(folder: Path, models=(), variants=()) -> list[str]:

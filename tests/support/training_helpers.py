@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from onnx_face_models import TinyRecognizer, _export, export_detector, insightface_images, load_t1
+from support.onnx_face_models import TinyRecognizer, _export, export_detector, insightface_images, load_t1
 
 ID_DIM = 16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hosts.diffusers import attach_adapters
-from tiny_unets import CONTEXT_DIM, comfy_model, diffusers_unet, sdxl_added_conditions
+from support.tiny_unets import CONTEXT_DIM, comfy_model, diffusers_unet, sdxl_added_conditions
 
 
 class Hosts:
