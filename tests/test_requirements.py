@@ -203,3 +203,18 @@ def test_training_imports_are_covered_by_both_requirement_files(comfyui_modules)
     for module in OPTIONAL.keys() & found.keys():
         assert all(guarded for _, guarded in found[module]), \
             f"{module} ({OPTIONAL[module]}) is optional, so it is imported only under `except ImportError`: {found[module]}"
+
+
+def requirement_lines(requirements: str) -> list[str]:
+    lines = (line.strip() for line in (ROOT / requirements).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_pyproject_lists_the_two_requirement_files():
+    """pyproject's dependencies are requirements.txt and its "training" extra requirements-training.txt, line for
+    line, so an install from the project metadata (the ComfyUI registry, pip) gets what the files say."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == requirement_lines("requirements.txt")
+    assert project["optional-dependencies"]["training"] == requirement_lines("requirements-training.txt")
