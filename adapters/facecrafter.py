@@ -33,7 +33,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import KeyValueBranch
@@ -47,7 +46,7 @@ from .checkpoints import (
     write_safetensors,
 )
 from .layers import SD15, AttentionLayer, UNetLayout, select_layers
-from .rows import COND, UNCOND, RowLayout
+from .rows import RowLayout
 
 EMOTION_DIM = 10
 KIND = "FaceCrafter control modules"
@@ -322,10 +321,6 @@ GUIDANCE_CONDITIONAL = {0: False, 1: True, 2: True, 3: True}
 SWITCHES_KEY = "facecrafter_switches"
 # A plain sampler: conditional rows (index 0) get both branches, unconditional rows (index 1) none.
 CFG_SWITCHES = {0: (1.0, 1.0), 1: (0.0, 0.0)}
-# What the guider's post-CFG hooks see when they run the model again (PAG, SAG): ComfyUI's indices
-# (0 positive, 1 negative) with the positive being the ID prediction, FaceCrafter's branches off,
-# so a hook's re-run of its ``cond`` matches the ``cond_denoised`` it was given.
-HOOK_SWITCHES = {COND: GUIDANCE_SWITCHES[1], UNCOND: GUIDANCE_SWITCHES[0]}
 
 
 def multi_condition_guidance(unconditional: torch.Tensor, with_id: torch.Tensor, with_modules, w_id: float,
@@ -369,36 +364,3 @@ class SwitchedCondition:
 
     def scales(self, layout: RowLayout, options: Mapping | None = None) -> list[float]:
         return row_alphas(layout, (options or {}).get(SWITCHES_KEY, CFG_SWITCHES), self.index, self.strength)
-
-
-def diffusers_kwargs(crafter: FaceCrafter, landmark_tokens: torch.Tensor | None, emotion_tokens: torch.Tensor | None,
-                     alpha_lmk, alpha_emo) -> dict:
-    """``cross_attention_kwargs`` for :func:`hosts.diffusers.attach_adapters` (``{"lmk": ..., "emo": ...}``).
-
-    Tokens have one row per batch row; alphas are numbers or per-row tensors (the intra-batch switches).
-    """
-    tokens, scales = {}, {}
-    for name, module_tokens, alpha in (("lmk", landmark_tokens, alpha_lmk), ("emo", emotion_tokens, alpha_emo)):
-        if module_tokens is not None and getattr(crafter, name) is not None:
-            tokens[name], scales[name] = module_tokens, alpha
-    return {"adapter_tokens": tokens, "adapter_scale": scales}
-
-
-def resize_landmark_images(images: torch.Tensor, size: int) -> tuple[torch.Tensor, bool]:
-    """ComfyUI IMAGE (B, H, W, 3, 0..1) -> (B, 3, size, size); True when it had to be resized."""
-    if images.dim() != 4 or images.shape[-1] != 3:
-        raise ValueError(f"a landmark image must be an RGB IMAGE batch (B, H, W, 3); got shape {tuple(images.shape)}")
-    if not torch.isfinite(images).all():
-        raise ValueError("the landmark image has NaN or infinite values")
-    chw = images.permute(0, 3, 1, 2).float()
-    if tuple(chw.shape[2:]) == (size, size):
-        return chw, False
-    # area keeps thin contour lines visible when shrinking; bilinear when enlarging
-    mode = "area" if min(chw.shape[2:]) > size else "bilinear"
-    return F.interpolate(chw, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {})), True
-
-
-def blank_rows(images: torch.Tensor) -> list[int]:
-    """0-based rows of a (B, ...) image batch with nothing drawn (all black)."""
-    return [i for i in range(images.shape[0]) if float(images[i].max()) <= 0.0]
-

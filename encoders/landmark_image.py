@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .expressions import Landmarks
 from .face_mesh import REGION_POLYLINES, REGIONS, tesselation_edges
@@ -130,3 +131,22 @@ def render_landmark_image(landmarks: Landmarks, height: int = 512, width: int = 
                   mesh=mesh, points=points)
         images.append(torch.from_numpy(canvas))
     return torch.stack(images).to(torch.float32) / 255.0
+
+
+def resize_landmark_images(images: torch.Tensor, size: int) -> tuple[torch.Tensor, bool]:
+    """ComfyUI IMAGE (B, H, W, 3, 0..1) -> (B, 3, size, size); True when it had to be resized."""
+    if images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"a landmark image must be an RGB IMAGE batch (B, H, W, 3); got shape {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise ValueError("the landmark image has NaN or infinite values")
+    chw = images.permute(0, 3, 1, 2).float()
+    if tuple(chw.shape[2:]) == (size, size):
+        return chw, False
+    # area keeps thin contour lines visible when shrinking; bilinear when enlarging
+    mode = "area" if min(chw.shape[2:]) > size else "bilinear"
+    return F.interpolate(chw, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {})), True
+
+
+def blank_rows(images: torch.Tensor) -> list[int]:
+    """0-based rows of a (B, ...) image batch with nothing drawn (all black)."""
+    return [i for i in range(images.shape[0]) if float(images[i].max()) <= 0.0]

@@ -159,3 +159,16 @@ def attach_adapters(unet, adapters: Mapping[str, CrossAttentionAdapter] | None =
         if missing:
             raise ValueError(f"adapter {adapter_name!r} ({adapter.layout.name}) has layers this UNet lacks: {missing[:4]}")
     unet.set_attn_processor(processors)
+
+
+def facecrafter_kwargs(crafter, landmark_tokens: torch.Tensor | None, emotion_tokens: torch.Tensor | None,
+                     alpha_lmk, alpha_emo) -> dict:
+    """FaceCrafter's ``cross_attention_kwargs`` for :func:`attach_adapters` (``{"lmk": ..., "emo": ...}``).
+
+    Tokens have one row per batch row; alphas are numbers or per-row tensors (the intra-batch switches).
+    """
+    tokens, scales = {}, {}
+    for name, module_tokens, alpha in (("lmk", landmark_tokens, alpha_lmk), ("emo", emotion_tokens, alpha_emo)):
+        if module_tokens is not None and getattr(crafter, name) is not None:
+            tokens[name], scales[name] = module_tokens, alpha
+    return {"adapter_tokens": tokens, "adapter_scale": scales}

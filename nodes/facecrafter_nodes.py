@@ -12,18 +12,16 @@ from ..adapters.checkpoints import FACECRAFTER_FILE, adapter_file_kind
 from ..adapters.facecrafter import (
     GUIDANCE_CONDITIONAL,
     GUIDANCE_SWITCHES,
-    HOOK_SWITCHES,
     SWITCHES_KEY,
     FaceCrafter,
-    blank_rows,
     check_emotion,
     multi_condition_guidance,
-    resize_landmark_images,
 )
 from ..adapters.rows import CONDITIONAL_KEY
 from ..encoders.core_face_landmarks import as_landmarks
+from ..encoders.landmark_image import blank_rows, resize_landmark_images
 from ..encoders.landmark_pose import pose_sweep
-from ..hosts.comfyui.facecrafter import apply_facecrafter, facecrafter_applications
+from ..hosts.comfyui.facecrafter import HOOK_SWITCHES, apply_facecrafter, facecrafter_applications
 from ..hosts.comfyui.helper_models import helper_of
 from .model_folders import model_choices, model_file
 from .types import EmotionType, FaceCrafterType, FaceLandmarksType, landmarks_input

@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from adapters.facecrafter import GUIDANCE_SWITCHES, diffusers_kwargs
-from hosts.diffusers import attach_adapters
+from adapters.facecrafter import GUIDANCE_SWITCHES
+from hosts.diffusers import attach_adapters, facecrafter_kwargs
 from support.tiny_facecrafter import landmark_images, random_facecrafter
 from support.tiny_unets import CONTEXT_DIM, random_expression_adapter, random_reference_lora_state
 from support.two_hosts import Hosts
@@ -38,7 +38,7 @@ def diffusers_rows(hosts, crafter, lmk, emo, alpha_lmk, alpha_emo, extra=None):
     """The diffusers host with per-row alphas; ``extra``: more named adapters with tokens."""
     adapters = {"lmk": crafter.lmk, "emo": crafter.emo} | {name: a for name, (a, _) in (extra or {}).items()}
     attach_adapters(hosts.unet, adapters)
-    kwargs = diffusers_kwargs(crafter, lmk.expand(hosts.batch, -1, -1), emo.expand(hosts.batch, -1, -1),
+    kwargs = facecrafter_kwargs(crafter, lmk.expand(hosts.batch, -1, -1), emo.expand(hosts.batch, -1, -1),
                               torch.tensor(alpha_lmk), torch.tensor(alpha_emo))
     for name, (_, tokens) in (extra or {}).items():
         kwargs["adapter_tokens"][name] = tokens

@@ -18,17 +18,14 @@ from adapters.facecrafter import (
     EmotionEncoderConfig,
     FaceCrafter,
     LandmarkEncoderConfig,
-    blank_rows,
-    diffusers_kwargs,
-    resize_landmark_images,
     row_alphas,
 )
 from adapters.layers import SDXL
 from adapters.rows import RowLayout
 from encoders.expressions import Landmarks
-from encoders.landmark_image import render_landmark_image
+from encoders.landmark_image import blank_rows, render_landmark_image, resize_landmark_images
 from encoders.landmark_pose import pose_landmarks, pose_sweep, rotation_matrix
-from hosts.diffusers import attach_adapters
+from hosts.diffusers import attach_adapters, facecrafter_kwargs
 from support.tiny_facecrafter import TINY_EMO, TINY_LMK, landmark_images, random_facecrafter
 
 
@@ -202,10 +199,10 @@ def test_diffusers_host_switches_rows_and_alpha_zero_rows_equal_the_base_model()
         lmk = crafter.landmark_tokens(landmark_images(size=64).permute(0, 3, 1, 2)).expand(4, -1, -1)
         emo = crafter.emotion_tokens(torch.rand(1, 10)).expand(4, -1, -1)
         # intra-batch mixed conditioning: ID, ID+LMK, ID+EMO, ID+LMK+EMO
-        kwargs = diffusers_kwargs(crafter, lmk, emo, torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+        kwargs = facecrafter_kwargs(crafter, lmk, emo, torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 1.0, 1.0]))
         mixed = unet(x, 500, encoder_hidden_states=context, cross_attention_kwargs=kwargs).sample
         base = unet(x, 500, encoder_hidden_states=context).sample
-        lmk_only = unet(x, 500, encoder_hidden_states=context, cross_attention_kwargs=diffusers_kwargs(crafter, lmk, None, 1.0, 0.0)).sample
+        lmk_only = unet(x, 500, encoder_hidden_states=context, cross_attention_kwargs=facecrafter_kwargs(crafter, lmk, None, 1.0, 0.0)).sample
     assert torch.equal(mixed[0], base[0])
     torch.testing.assert_close(mixed[1], lmk_only[1])
     assert all((mixed[i] - base[i]).abs().max() > 1e-3 for i in (1, 2, 3))

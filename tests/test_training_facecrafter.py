@@ -273,8 +273,7 @@ def use_folders(patch, name: str, *paths) -> None:
 def test_joint_exports_load_in_comfyui_change_its_output_and_drive_the_guider(comfy, manifest, tmp_path, monkeypatch):
     import comfy.samplers as samplers
 
-    from adapters.facecrafter import diffusers_kwargs
-    from hosts.diffusers import attach_adapters
+    from hosts.diffusers import attach_adapters, facecrafter_kwargs
     from support.tiny_facecrafter import landmark_images
     from support.tiny_unets import comfy_model
 
@@ -312,7 +311,7 @@ def test_joint_exports_load_in_comfyui_change_its_output_and_drive_the_guider(co
     # and ComfyUI computes what the training host computes with the trained modules
     attach_adapters(unet, crafter.modules_present())
     with torch.no_grad():
-        kwargs = diffusers_kwargs(crafter, crafter.landmark_tokens(image.permute(0, 3, 1, 2)), crafter.emotion_tokens(emotion),
+        kwargs = facecrafter_kwargs(crafter, crafter.landmark_tokens(image.permute(0, 3, 1, 2)), crafter.emotion_tokens(emotion),
                                   1.0, 1.0)
         expected = unet(x, t, encoder_hidden_states=context, cross_attention_kwargs=kwargs).sample
     torch.testing.assert_close(with_modules, expected, atol=1e-4, rtol=1e-4)
@@ -339,7 +338,7 @@ def test_eq_6_on_hand_made_predictions():
 def test_previews_are_sampled_with_the_guiders_eq_6(joint):
     from diffusers import DPMSolverMultistepScheduler
 
-    from adapters.facecrafter import diffusers_kwargs
+    from hosts.diffusers import facecrafter_kwargs
     from training.sampling import denoise
 
     stage, inputs = joint
@@ -361,7 +360,7 @@ def test_previews_are_sampled_with_the_guiders_eq_6(joint):
         lmk, emo = crafter.lmk.tokens(batch["landmark_image"]), crafter.emo.tokens(batch["emotion"])
 
         def predict(text, alpha_lmk, alpha_emo):
-            kwargs = diffusers_kwargs(crafter, lmk, emo, alpha_lmk, alpha_emo)
+            kwargs = facecrafter_kwargs(crafter, lmk, emo, alpha_lmk, alpha_emo)
             x = scheduler.scale_model_input(latents, t)
             return stage.host.unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
 

@@ -9,9 +9,14 @@ passes each chunk's conditioning index in ``cond_or_uncond``, in whatever order 
 
 from __future__ import annotations
 
-from ...adapters.facecrafter import MODULE_NAMES, SwitchedCondition
+from ...adapters.facecrafter import GUIDANCE_SWITCHES, MODULE_NAMES, SwitchedCondition
+from ...adapters.rows import COND, UNCOND
 from .cross_attention import BranchCache, SigmaGate, check_model_fits, install_branch_patches
 
+# What the guider's post-CFG hooks see when they run the model again (PAG, SAG): ComfyUI's indices
+# (0 positive, 1 negative) with the positive being the ID prediction, FaceCrafter's branches off,
+# so a hook's re-run of its ``cond`` matches the ``cond_denoised`` it was given.
+HOOK_SWITCHES = {COND: GUIDANCE_SWITCHES[1], UNCOND: GUIDANCE_SWITCHES[0]}
 APPLICATIONS_KEY = "facecrafter"  # model_options entry listing the FaceCrafter applications on a model
 
 
