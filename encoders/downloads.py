@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import urllib.error
@@ -31,7 +32,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 logger = logging.getLogger(__name__)
 
@@ -180,16 +181,36 @@ def download_file(url: str, path, *, timeout: float = 60.0, progress: bool = Tru
 STAGING = ".hf_download"  # hf_hub_download's local_dir beside the destination: the resumable part lives here
 
 
+def first_hop(url: str) -> tuple[str, int]:
+    """The host and port a request for ``url`` connects to first: its proxy's where one applies (the standard
+    ``*_PROXY`` / ``NO_PROXY`` variables, as requests and huggingface_hub read them)."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def check_reachable(url: str, timeout: float) -> None:
+    """Stop at once where the server (or the proxy before it) cannot be found or refuses: huggingface_hub retries
+    a refused connection five times with backoff, 23 seconds, before it gives up."""
+    try:
+        socket.create_connection(first_hop(url), timeout=min(timeout, 10.0)).close()
+    except OSError as error:
+        raise urllib.error.URLError(error) from error
+
+
 def hub_download(entry: RemoteFile, path, *, endpoint: str | None = None, timeout: float = 60.0) -> Path:
     """``entry``'s hub file through ``hf_hub_download`` (HF_ENDPOINT, HF_TOKEN, resume, size check), renamed to ``path``."""
     from huggingface_hub import hf_hub_download
 
     path = Path(path)
     staging = path.parent / STAGING
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    check_reachable(endpoint, timeout)
     try:
         fetched = hf_hub_download(entry.repo, entry.filename, revision=entry.revision, local_dir=staging,
-                                  endpoint=(endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
-                                  etag_timeout=timeout)
+                                  endpoint=endpoint, etag_timeout=timeout)
     except Exception:
         if not any(staging.rglob("*.incomplete")):  # keep the staging folder only where there is a part to resume
             shutil.rmtree(staging, ignore_errors=True)

@@ -16,6 +16,7 @@ from encoders.downloads import (
     destination,
     download_file,
     ensure_files,
+    first_hop,
     main,
 )
 from support.local_hub import UNREACHABLE, Server, hub_tree
@@ -178,3 +179,24 @@ def test_the_published_mediapipe_model_is_pinned_by_size_and_hash():
     [_, mediapipe] = FILE_GROUPS["smirk"]
     assert "/float16/1/" in mediapipe.url and mediapipe.size == 3758596
     assert mediapipe.sha256 == "64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0bc9ff"  # as in DESIGN.md
+
+
+def test_the_first_hop_is_the_proxy_where_one_applies(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert first_hop("https://huggingface.co/x") == ("huggingface.co", 443)
+    assert first_hop("http://127.0.0.1:9") == ("127.0.0.1", 9)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+    assert first_hop("https://huggingface.co/x") == ("proxy.example", 3128)
+    assert first_hop("http://127.0.0.1:9") == ("127.0.0.1", 9)  # http, and bypassed
+
+
+def test_an_unreachable_hub_is_reported_without_huggingface_hubs_retries(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", UNREACHABLE)
+    started = time.monotonic()
+    with pytest.raises(MissingModelFiles, match="cannot reach the server"):
+        ensure_files("arc2face", tmp_path, download=True, timeout=5)
+    assert time.monotonic() - started < 5  # huggingface_hub alone waits 1 + 2 + 4 + 8 + 8 s
