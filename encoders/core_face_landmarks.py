@@ -113,14 +113,19 @@ def _result(rows: list, size: tuple[int, int]) -> FaceLandmarkerResult:
                                 [True] * len(rows))
 
 
+def _rows_per_frame(value: Mapping, face_index: int) -> tuple[tuple[int, int], list]:
+    """The image size and, per frame, face ``face_index``'s rows (None where the frame has fewer faces)."""
+    size, frames = _frames(value)
+    return size, [_frame_rows(faces, frame, face_index, size) for frame, faces in enumerate(frames)]
+
+
 def read_core_face_landmarks(value: Mapping, face_index: int = 0) -> FaceLandmarkerResult:
     """Our landmarks, blendshapes and matrices, one row per frame of core's ``FACE_LANDMARKS``."""
-    size, frames = _frames(value)
-    rows = [_frame_rows(faces, frame, face_index, size) for frame, faces in enumerate(frames)]
+    size, rows = _rows_per_frame(value, face_index)
     missing = [frame + 1 for frame, row in enumerate(rows) if row is None]
     if missing:
         raise NoFaceFound(f"no face {face_index} (largest first, from 0) in frame(s) {missing} of the face landmarks "
-                          f"(of {len(frames)}, counting from 1). For video with dropped frames, use our Face Landmarks "
+                          f"(of {len(rows)}, counting from 1). For video with dropped frames, use our Face Landmarks "
                           "node with on_missing = previous")
     return _result(rows, size)
 
@@ -128,8 +133,7 @@ def read_core_face_landmarks(value: Mapping, face_index: int = 0) -> FaceLandmar
 def read_each(value: Mapping, face_index: int = 0) -> list[FaceLandmarkerResult | None]:
     """One single-frame result per frame, None where the frame has no face ``face_index`` (as
     ``FaceLandmarker.detect_each``: scoring generated pictures, where a failed one has no face)."""
-    size, frames = _frames(value)
-    rows = [_frame_rows(faces, frame, face_index, size) for frame, faces in enumerate(frames)]
+    size, rows = _rows_per_frame(value, face_index)
     return [None if row is None else _result([row], size) for row in rows]
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ...adapters.rows import COND, UNCOND  # noqa: F401  (re-exported: the row layout lives in adapters)
-
 
 def transformer_blocks(diffusion_model) -> dict[tuple[str, int, int], torch.nn.Module]:
     """Every transformer block by its ComfyUI patch key, read off the modules.
