@@ -345,9 +345,8 @@ def test_previews_are_sampled_with_the_guiders_eq_6(joint):
     batch = {"source_id": inputs["id_embeddings"], "landmark_image": inputs["landmark_images"],
              "emotion": inputs["emotion"]}
     shape = (2, 4, 8, 8)
-    cond, uncond, extra = stage.sampling_inputs(stage.module, batch)
-    got = denoise(stage.host.unet, stage.host.noise_scheduler.config, cond, uncond, shape, 1, 3.0,
-                  torch.Generator().manual_seed(1), extra, stage.sampling_guide())
+    got = denoise(stage.host.unet, stage.host.noise_scheduler.config, stage.sampling_inputs(stage.module, batch), shape, 1,
+                  3.0, torch.Generator().manual_seed(1))
     # by hand: one UNet call per prediction with its switches, Eq. 6 with the paper's 2.5 / 2.0 / 2.0, one step
     scheduler = DPMSolverMultistepScheduler.from_config(stage.host.noise_scheduler.config, algorithm_type="dpmsolver++")
     scheduler.set_timesteps(1)

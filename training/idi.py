@@ -49,7 +49,7 @@ from .prepare import Options, encode_sample, finish
 from .shards import ShardWriter, load_index, shard_name, sidecar_path, write_json_atomic
 from .stages.emojidiff import (
     PromptEncoder,
-    e_adapter_tokens,
+    e_adapter_conditions,
     frozen,
     initial_adapter,
     merge_lora,
@@ -101,18 +101,18 @@ class IDI:
     @torch.no_grad()
     def render(self, faceid: torch.Tensor, clip_image: torch.Tensor, size: int, row: int) -> np.ndarray:
         """Y0: the base E-Adapter's picture with this identity and expression, ``size`` pixels square."""
-        from .sampling import denoise, to_pixels
+        from adapters.rows import COND, UNCOND
 
-        adapter, host = self.adapter, self.host
-        tokens = e_adapter_tokens(adapter, faceid[None].to(self.device), clip_image[None].to(self.device))
-        uncond = {"id": adapter.unconditional_id_tokens().to(self.device),
-                  "expression": adapter.unconditional_expression_tokens().to(self.device)}
+        from .sampling import SamplingInputs, denoise, to_pixels
+
+        host = self.host
+        conditions = e_adapter_conditions(self.adapter, faceid[None].to(self.device), clip_image[None].to(self.device))
         context, _ = self.prompts([self.cfg["prompt"]])
         negative, _ = self.prompts([""])
         generator = torch.Generator(self.device).manual_seed(int(self.idi["seed"]) * 1_000_003 + row)
         shape = (1, host.unet.config.in_channels, size // 8, size // 8)
-        latents = denoise(host.unet, host.noise_scheduler.config, (context, tokens), (negative, uncond), shape,
-                          int(self.idi["steps"]), float(self.idi["guidance_scale"]), generator)
+        latents = denoise(host.unet, host.noise_scheduler.config, SamplingInputs({UNCOND: negative, COND: context}, conditions),
+                          shape, int(self.idi["steps"]), float(self.idi["guidance_scale"]), generator)
         image = to_pixels(latents, host.vae, host.latent_scale, host.latent_shift)[0]
         return (image.permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
 

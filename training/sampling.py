@@ -1,29 +1,80 @@
 """Sample grids during training: a plain denoising loop (no pipeline class) with classifier-free guidance
 (FaceCrafter's stages: its multi-condition guidance, Eq. 6).
 
-The loop is the same one a diffusers pipeline runs (DPM-Solver++ from the training schedule,
-CFG over a [uncond, cond] batch) written out, so it works with our attention processors and a
-tiny random UNet alike. Latents are decoded with the VAE when there is one; otherwise their first
-three channels are shown, normalised, which is enough to see training move.
+The loop is the same one a diffusers pipeline runs (DPM-Solver++ from the training schedule, one batched
+UNet call per step over the guide's predictions) written out, so it works with our attention processors and
+a tiny random UNet alike. A stage describes the batch prediction by prediction (:class:`SamplingInputs`: a
+context per prediction index, the adapters' branch conditions from ``adapters.branches``); :func:`denoise`
+lays the rows out with the batch's :class:`~adapters.rows.RowLayout` and hands the processor the conditions
+and that layout, as the ComfyUI host gets them, so no sampling path stacks [uncond, cond] rows by hand.
+Latents are decoded with the VAE when there is one; otherwise their first three channels are shown,
+normalised, which is enough to see training move.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from adapters.rows import COND, UNCOND, RowLayout
+
+
+@dataclass
+class SamplingInputs:
+    """A guided sampling batch, prediction by prediction (what a stage's ``sampling_inputs`` returns).
+
+    - ``contexts``: {prediction index: context, B x 77 x D}, one per index of ``chunks``;
+    - ``conditions``: {adapter name (as attached to the UNet): branch condition} (``adapters.branches``:
+      a ``TokenCondition``, FaceCrafter's ``SwitchedCondition``); they lay out their own rows from the layout;
+    - ``chunks``: the prediction indices in batch order, which is the order ``guide`` takes the predictions in;
+    - ``conditional``: {prediction index: conditional} where index ``COND`` alone is not the conditional one
+      (FaceCrafter's ``GUIDANCE_CONDITIONAL``), as ``RowLayout`` takes it;
+    - ``options``: the processor's ``adapter_options`` (FaceCrafter's switches, as its Guider sends them);
+    - ``added``: {prediction index: SDXL's ``added_cond_kwargs`` for that chunk's B rows};
+    - ``reference``: a ``ReferenceBank`` written by the Reference UNet pass, read by the conditional rows;
+    - ``guide``: the predictions (B rows each, in ``chunks`` order) -> the guided one; None: CFG.
+    """
+
+    contexts: Mapping[int, torch.Tensor]
+    conditions: Mapping[str, object] = field(default_factory=dict)
+    chunks: Sequence[int] = (UNCOND, COND)
+    conditional: Mapping[int, bool] | None = None
+    options: Mapping | None = None
+    added: Mapping[int, Mapping[str, torch.Tensor]] | None = None
+    reference: object | None = None
+    guide: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def count(self) -> int:
+        """Images in the batch: the rows of one chunk."""
+        return self.contexts[self.chunks[0]].shape[0]
+
+    def layout(self) -> RowLayout:
+        return RowLayout(len(self.chunks) * self.count, self.chunks, conditional=self.conditional)
+
+
+def cfg_guide(chunks: Sequence[int], guidance: float) -> Callable[..., torch.Tensor]:
+    """Classifier-free guidance over the predictions of ``chunks`` (``UNCOND`` and ``COND``, in either order)."""
+    uncond_at, cond_at = list(chunks).index(UNCOND), list(chunks).index(COND)
+
+    def guide(*predictions):
+        unconditional, conditional = predictions[uncond_at], predictions[cond_at]
+        return unconditional + guidance * (conditional - unconditional)
+
+    return guide
+
 
 @torch.no_grad()
-def denoise(unet, noise_scheduler_config, cond, uncond, latent_shape, steps: int = 25, guidance: float = 3.0,
-            generator: torch.Generator | None = None, extra: Mapping | None = None, guide=None) -> torch.Tensor:
-    """Latents from noise. ``cond``/``uncond``: (context B x 77 x D, {adapter name: tokens B x T x D});
-    ``extra``: more attention keyword arguments for the [uncond, cond] batch (the reference bank), and under
-    ``added_cond_kwargs`` SDXL's pooled text and time ids for that batch.
+def denoise(unet, noise_scheduler_config, inputs: SamplingInputs, latent_shape, steps: int = 25, guidance: float = 3.0,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latents (``latent_shape``, B images) from noise, guided over the predictions ``inputs`` describes.
 
-    ``guide``: for more than one conditional prediction (FaceCrafter's Eq. 6), ``cond`` stacks k chunks of B rows
-    and ``guide(uncond, *conditional)`` combines the k + 1 predictions; None is CFG with ``guidance``."""
+    The batch is the layout's chunks of B rows each: their contexts (and SDXL's added conditions) stacked by
+    the layout, the adapters' conditions and the layout itself in ``cross_attention_kwargs``, the reference
+    read by the conditional chunks. ``inputs.guide`` combines the predictions; None is CFG with ``guidance``."""
     from diffusers import DPMSolverMultistepScheduler
 
     scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler_config, algorithm_type="dpmsolver++")
@@ -31,18 +82,24 @@ def denoise(unet, noise_scheduler_config, cond, uncond, latent_shape, steps: int
     parameter = next(unet.parameters())
     latents = torch.randn(latent_shape, generator=generator, device=generator.device if generator else "cpu")
     latents = latents.to(parameter.device) * scheduler.init_noise_sigma
-    context = torch.cat([uncond[0], cond[0]]).to(parameter.dtype)
-    tokens = {name: torch.cat([uncond[1][name], cond[1][name]]).to(parameter.dtype) for name in cond[1]}
-    extra = dict(extra or {})
-    added = extra.pop("added_cond_kwargs", None)
-    chunks = context.shape[0] // latent_shape[0]
-    if guide is None:
-        def guide(unconditional, conditional):
-            return unconditional + guidance * (conditional - unconditional)
+    if inputs.count != latent_shape[0]:
+        raise ValueError(f"the sampling inputs are for {inputs.count} images but the latents for {latent_shape[0]}")
+    layout = inputs.layout()
+    context = layout.stack(lambda index: inputs.contexts[index]).to(parameter.dtype)
+    added = None
+    if inputs.added is not None:
+        added = {key: layout.stack(lambda index, key=key: inputs.added[index][key]) for key in inputs.added[layout.chunks[0]]}
+    kwargs = {"adapter_conditions": dict(inputs.conditions), "rows": layout}
+    if inputs.options is not None:
+        kwargs["adapter_options"] = inputs.options
+    if inputs.reference is not None:
+        kwargs["reference"] = inputs.reference.reading(layout)
+    guide = inputs.guide or cfg_guide(layout.chunks, guidance)
+    chunks = len(layout.chunks)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents] * chunks), t)
         prediction = unet(model_input.to(parameter.dtype), t, encoder_hidden_states=context,
-                          cross_attention_kwargs={"adapter_tokens": tokens, **extra}, added_cond_kwargs=added).sample.float()
+                          cross_attention_kwargs=kwargs, added_cond_kwargs=added).sample.float()
         latents = scheduler.step(guide(*prediction.chunk(chunks)), t, latents).prev_sample
     return latents
 
@@ -77,9 +134,7 @@ def grid(rows: list[torch.Tensor]) -> np.ndarray:
 def sample_grid(stage, module, batch: Mapping, sampling_cfg: Mapping, seed: int) -> np.ndarray:
     """Top row: the training crops whose ID and expression condition the bottom row's samples."""
     host = stage.host
-    cond, uncond, extra = stage.sampling_inputs(module, batch)
-    count = uncond[0].shape[0]
-    guide = stage.sampling_guide() if hasattr(stage, "sampling_guide") else None  # FaceCrafter: Eq. 6
+    inputs = stage.sampling_inputs(module, batch)
     channels = host.unet.config.in_channels
     size = host.unet.config.sample_size
     if "pixels" in batch:
@@ -87,9 +142,8 @@ def sample_grid(stage, module, batch: Mapping, sampling_cfg: Mapping, seed: int)
     elif "latent_mean" in batch:
         size = batch["latent_mean"].shape[-1]
     generator = torch.Generator(device=stage.device).manual_seed(seed)
-    latents = denoise(host.unet, host.noise_scheduler.config, cond, uncond, (count, channels, size, size),
-                      int(sampling_cfg["num_inference_steps"]), float(sampling_cfg["guidance_scale"]), generator, extra,
-                      guide)
+    latents = denoise(host.unet, host.noise_scheduler.config, inputs, (inputs.count, channels, size, size),
+                      int(sampling_cfg["num_inference_steps"]), float(sampling_cfg["guidance_scale"]), generator)
     samples = to_pixels(latents, host.vae, host.latent_scale, host.latent_shift)
     rows = []
     if "pixels" in batch:

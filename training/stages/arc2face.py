@@ -10,11 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.branches import TokenCondition
 from adapters.expression_adapter import ExpressionAdapter
+from adapters.rows import COND, UNCOND
 from hosts.diffusers import ReferenceBank, attach_adapters
 
 from ..data import PairDataset
 from ..models import HostModels, build_expression_adapter, unet_layout
+from ..sampling import SamplingInputs
 from .base import DenoisingStage
 
 
@@ -23,6 +26,9 @@ class AdapterDenoiser(nn.Module):
 
     Keeping the UNet out of the module tree keeps it out of the optimizer, DDP's gradient
     buckets and the checkpoint, while its attention processors still call the adapter's branches.
+    The training forward passes the tokens one per batch row (``adapter_tokens``): with per-sample
+    condition dropout each row has its own, which is a per-row layout, not chunks of a guided batch
+    (sampling goes through :class:`~adapters.branches.TokenCondition` and a ``RowLayout``).
     """
 
     def __init__(self, unet, adapter: ExpressionAdapter):
@@ -107,15 +113,16 @@ class ExpressionAdapterStage(DenoisingStage):
     def export(self, module, path) -> None:
         self.adapter(module).save(path)
 
-    def sampling_inputs(self, module, batch: Mapping):
-        """Conditional and unconditional (ID context, adapter tokens), and extra attention inputs, for sample grids."""
+    def sampling_inputs(self, module, batch: Mapping) -> SamplingInputs:
+        """CFG's two predictions for sample grids: the ID context with the batch's expressions, and Arc2Face's
+        negative with the adapter's unconditional tokens (the zero expression), as Apply Expression Adapter has it."""
         context, expression, _ = self.conditions(batch, None, dropout=False)
         adapter = self.adapter(module)
         with torch.no_grad():
             tokens = adapter.expression_tokens(expression)
-            uncond_tokens = adapter.unconditional_tokens().to(tokens).expand_as(tokens)
+            condition = TokenCondition(adapter, tokens, adapter.unconditional_tokens().to(tokens))
         negative = self.negative.to(context).expand_as(context)
-        return (context, {"expression": tokens}), (negative, {"expression": uncond_tokens}), {}
+        return SamplingInputs({UNCOND: negative, COND: context}, {"expression": condition})
 
 
 class ReferenceDenoiser(nn.Module):
@@ -140,6 +147,8 @@ class ReferenceDenoiser(nn.Module):
         object.__setattr__(self, "adapter", adapter)
 
     def forward(self, noisy, timesteps, context, expression, reference_latents, read_rows):
+        """``read_rows``: a bool per batch row; rows dropped to fully unconditional read no reference. Like
+        :class:`AdapterDenoiser`, a per-row training layout (tokens one per row), not a guided batch."""
         with torch.no_grad():
             tokens = self.adapter.expression_tokens(expression)
         kwargs = {"adapter_tokens": {"expression": tokens}}
@@ -221,10 +230,10 @@ class ReferenceLoraStage(ExpressionAdapterStage):
 
         write_safetensors(self.lora(module).state_dict(), path, metadata={"kind": "Arc2Face Reference Adapter LoRA"})
 
-    def sampling_inputs(self, module, batch: Mapping):
-        cond, uncond, _ = super().sampling_inputs(module, batch)
+    def sampling_inputs(self, module, batch: Mapping) -> SamplingInputs:
+        """The Expression Adapter's CFG predictions, with the reference (its Reference UNet pass on the ID
+        context) read by the conditional rows of the batch's layout, as in ComfyUI."""
+        inputs = super().sampling_inputs(module, batch)
         reference = self.reference_latents(batch, None).to(next(self.host.unet.parameters()).dtype)
-        count = reference.shape[0]
-        bank = capture_reference(self.host.unet, reference, cond[0].to(reference.dtype))
-        rows = torch.cat([torch.zeros(count, dtype=torch.bool), torch.ones(count, dtype=torch.bool)]).to(reference.device)
-        return cond, uncond, {"reference": bank.reading(rows)}
+        inputs.reference = capture_reference(self.host.unet, reference, inputs.contexts[COND].to(reference.dtype))
+        return inputs

@@ -27,11 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.branches import TokenCondition
 from adapters.e_adapter import EAdapter
 from adapters.layers import SDXL
+from adapters.rows import COND, UNCOND
 from hosts.diffusers import attach_adapters
 
 from ..models import unet_layout
+from ..sampling import SamplingInputs
 from ..tiny import TinyFan, tiny_recognizer_net, tiny_text_encoders, write_standin_published
 from .base import DenoisingStage
 
@@ -156,8 +159,23 @@ def named_branches(adapter: EAdapter, prefix: str = "") -> dict:
     return {f"{prefix}{name}": branch for name, branch in adapter.named_adapters().items()}
 
 
+def e_adapter_conditions(adapter: EAdapter, faceid: torch.Tensor, clip_image: torch.Tensor) -> dict[str, TokenCondition]:
+    """The E-Adapter's two branches as branch conditions for a guided batch (names as :func:`named_branches`
+    attaches them): the identity's and the expression image's tokens on the conditional rows, the tokens of
+    zero embeddings elsewhere, as Apply E-Adapter has them."""
+    branches = named_branches(adapter)
+    tokens = e_adapter_tokens(adapter, faceid, clip_image)
+    uncond = {"id": adapter.unconditional_id_tokens(), "expression": adapter.unconditional_expression_tokens()}
+    what = {"id": "the identity", "expression": "the expression image"}
+    return {name: TokenCondition(branches[name], tokens[name], uncond[name].to(tokens[name]), what=what[name])
+            for name in ("id", "expression")}
+
+
 class EAdapterDenoiser(nn.Module):
-    """The frozen UNet with the E-Adapter's two branches; only the adapter is a submodule (see arc2face.AdapterDenoiser)."""
+    """The frozen UNet with the E-Adapter's two branches; only the adapter is a submodule (see arc2face.AdapterDenoiser).
+
+    Its forward is a training forward: tokens one per batch row (``adapter_tokens``), each row with its own
+    condition dropout. Sampling lays a guided batch out with :func:`e_adapter_conditions` and a ``RowLayout``."""
 
     def __init__(self, unet, adapter: EAdapter):
         super().__init__()
@@ -322,20 +340,19 @@ class EmojiDiffBaseStage(DenoisingStage):
         step = self.denoise_step(module, batch, generator, dropout)
         return F.mse_loss(step.prediction.float(), step.target.float())
 
-    def sampling_inputs(self, module, batch: Mapping):
+    def sampling_inputs(self, module, batch: Mapping) -> SamplingInputs:
+        """CFG's two predictions for sample grids: the batch's prompts with S's identity and R's expression
+        image, and the empty prompt with the branches' unconditional tokens (SDXL: with their pooled texts)."""
         context, pooled, faceid, clip_image = self.conditions(batch, None, dropout=False)
-        adapter = self.adapter(module)
         count = context.shape[0]
         with torch.no_grad():
-            tokens = e_adapter_tokens(adapter, faceid, clip_image)
-            uncond = {"id": adapter.unconditional_id_tokens().to(tokens["id"]).expand_as(tokens["id"]),
-                      "expression": adapter.unconditional_expression_tokens().to(tokens["expression"]).expand_as(tokens["expression"])}
+            conditions = e_adapter_conditions(self.adapter(module), faceid, clip_image)
         negative, negative_pooled = self.prompts([""] * count)
-        extra = {}
+        added = None
         if self.sdxl:
-            extra["added_cond_kwargs"] = self.added_conditions(torch.cat([negative_pooled, pooled]),
-                                                               self.default_time_ids(2 * count))
-        return (context, tokens), (negative.to(context), uncond), extra
+            time_ids = self.default_time_ids(count)
+            added = {UNCOND: self.added_conditions(negative_pooled, time_ids), COND: self.added_conditions(pooled, time_ids)}
+        return SamplingInputs({UNCOND: negative.to(context), COND: context}, conditions, added=added)
 
 
 class EmojiDiffRefinedStage(EmojiDiffBaseStage):
@@ -419,7 +436,7 @@ class EmojiDiffICAStage(EmojiDiffRefinedStage):
         loss_sd = F.mse_loss(step.prediction.float(), step.target.float())
         unet = self.host.unet
         with torch.no_grad():
-            def teacher(tokens):
+            def teacher(tokens):  # a training forward: the batch's own rows, tokens one per row
                 return unet(step.noisy, step.timesteps, encoder_hidden_states=step.context, added_cond_kwargs=step.added,
                             cross_attention_kwargs={"adapter_tokens": tokens}).sample.float()
 

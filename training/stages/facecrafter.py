@@ -34,10 +34,14 @@ from torch.utils.data import Dataset
 
 from adapters.facecrafter import (
     DEFAULT_LANDMARK_STYLE,
+    GUIDANCE_CONDITIONAL,
     GUIDANCE_SWITCHES,
+    MODULE_NAMES,
+    SWITCHES_KEY,
     EmotionEncoderConfig,
     FaceCrafter,
     LandmarkEncoderConfig,
+    SwitchedCondition,
     multi_condition_guidance,
 )
 from adapters.layers import SD15
@@ -51,10 +55,12 @@ from ..losses import attention_disentanglement_loss, token_mask
 from ..mixed_conditioning import MixedRows, mixed_rows, row_noise
 from ..models import HostModels, unet_layout, unet_widths
 from ..pair_samplers import PartnerDataset, emo_partners, lmk_partners, sample_table
+from ..sampling import SamplingInputs
 from .base import DenoisingStage
 
 logger = logging.getLogger(__name__)
 SWITCH_COLUMNS = {"lmk": 0, "emo": 1}  # columns of MixedRows.alphas
+SAMPLED_CONDITIONS = {"lmk": "the landmark image", "emo": "the emotion"}  # what each module's condition is, in messages
 
 
 class FaceCrafterDenoiser(nn.Module):
@@ -64,6 +70,10 @@ class FaceCrafterDenoiser(nn.Module):
     ``forward`` takes one row per example for the ID embeddings and conditions and ``source`` (which
     example each UNet row is), so replicas share one encoder pass; ``alphas`` (rows x 2) are the
     per-row switches (alpha_LMK, alpha_EMO). A dict ``record`` receives the attention outputs.
+    Intra-batch mixed conditioning gives every row its own switches, so the training forward passes
+    tokens and alphas one per row (``adapter_tokens``/``adapter_scale``): a per-row layout, not the chunks
+    of a guided batch (sampling: :meth:`FaceCrafterStage.sampling_inputs`, switched conditions and a
+    ``RowLayout``).
     """
 
     def __init__(self, unet, crafter: FaceCrafter, id_encoder, train_id_encoder: bool):
@@ -261,24 +271,22 @@ class FaceCrafterStage(DenoisingStage):
         ID+LMK / ID+EMO for the modules this stage has (the Guider skips a module the model lacks)."""
         return [0, 1] + [2] * ("lmk" in self.modules) + [3] * ("emo" in self.modules)
 
-    def sampling_inputs(self, module, batch: Mapping):
-        """Eq. 6's predictions, as the FaceCrafter Guider runs them: the negative with the branches off, then the
-        ID context once per conditional prediction with that prediction's switches (GUIDANCE_SWITCHES)."""
+    def sampling_inputs(self, module, batch: Mapping) -> SamplingInputs:
+        """Eq. 6's predictions, as the FaceCrafter Guider runs them: the chunks of :meth:`guidance_chunks`, the
+        negative on the unconditional one and the ID context on the others (GUIDANCE_CONDITIONAL), each module a
+        switched condition whose alpha per chunk is that prediction's switch (GUIDANCE_SWITCHES)."""
         with torch.no_grad():
             context = self.host.id_encoder.encode(batch["source_id"].to(self.device))
-            count = context.shape[0]
-            tokens = {}
+            conditions = {}
             for name, condition in self.conditions(batch).items():
                 key = "lmk" if name == "landmark_images" else "emo"
-                tokens[key] = getattr(module.crafter, key).tokens(condition)
-        chunks = self.guidance_chunks()
-        conditional = len(chunks) - 1
-        switches = {name: torch.tensor([GUIDANCE_SWITCHES[index][column] for index in chunks for _ in range(count)],
-                                       device=self.device)
-                    for name, column in (("lmk", 0), ("emo", 1)) if name in tokens}
+                control = getattr(module.crafter, key)
+                conditions[key] = SwitchedCondition(control, control.tokens(condition), 1.0, MODULE_NAMES.index(key),
+                                                    SAMPLED_CONDITIONS[key])
         negative = self.negative.to(context).expand_as(context)
-        cond = (torch.cat([context] * conditional), {name: torch.cat([t] * conditional) for name, t in tokens.items()})
-        return cond, (negative, tokens), {"adapter_scale": switches}
+        chunks = self.guidance_chunks()
+        return SamplingInputs({index: context if GUIDANCE_CONDITIONAL[index] else negative for index in chunks}, conditions,
+                              chunks, GUIDANCE_CONDITIONAL, {SWITCHES_KEY: GUIDANCE_SWITCHES}, guide=self.sampling_guide())
 
     def sampling_guide(self):
         """Eq. 6 over the predictions of :meth:`guidance_chunks` with facecrafter.w_id / w_lmk / w_emo."""
