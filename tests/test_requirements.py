@@ -22,6 +22,10 @@ torch, torchvision and numpy, which ComfyUI's requirements install; and the trai
 optional by design (``OPTIONAL``), which must then be imported only inside ``try`` with an ``except
 ImportError`` that tells the user what to install. Module names map to packages through the installed
 distributions' metadata (``importlib.metadata.packages_distributions()``), so both files must be installed.
+
+``requirements-facetorch.txt`` (facetorch, for ``training.evaluate --facetorch``) is installed with ``--no-deps``,
+because facetorch declares torch<2.4: it must then name everything facetorch's import needs beyond the other two
+files and their own dependencies, which is checked against facetorch's imports and its packages' metadata.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ FIRST_PARTY = {"adapters", "encoders", "hosts", "nodes", "training", "workflows"
 FROM_COMFYUI_REQUIREMENTS = {"torch", "torchvision", "numpy"}  # requirements.txt's header says so
 NEEDS = {"torch.utils.tensorboard": "tensorboard", "torchmetrics.image.fid.NoTrainInceptionV3": "torch_fidelity"}
 OPTIONAL = {"pyiqa": "the LIQE metric (training/metrics.py: pip install pyiqa)",
-            "pytorch_fid": "FID's pytorch-fid backend (training/metrics.py: pip install pytorch-fid)"}
+            "pytorch_fid": "FID's pytorch-fid backend (training/metrics.py: pip install pytorch-fid)",
+            "facetorch": "Arc2Face-Exp's Em. Acc., AU-MSE and VA-MSE (training/facetorch_metrics.py: "
+                         "pip install --no-deps -r requirements-facetorch.txt)"}
 
 
 def node_modules() -> list[Path]:
@@ -218,3 +224,73 @@ def test_pyproject_lists_the_two_requirement_files():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["dependencies"] == requirement_lines("requirements.txt")
     assert project["optional-dependencies"]["training"] == requirement_lines("requirements-training.txt")
+
+
+def dependency_closure(packages) -> set[str]:
+    """The installed packages ``packages`` need, themselves included (normalised names; markers and extras as
+    declared, evaluated for this Python)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), [(name, ()) for name in packages]
+    while todo:
+        name, extras = todo.pop()
+        if (key := normalise(name)) in seen:
+            continue
+        seen.add(key)
+        try:
+            declared = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for line in declared:
+            requirement = Requirement(line)
+            if requirement.marker is None or any(requirement.marker.evaluate({"extra": e}) for e in ("", *extras)):
+                todo.append((requirement.name, tuple(requirement.extras)))
+    return seen
+
+
+def test_facetorch_file_is_complete_without_dependencies():
+    """``pip install --no-deps -r requirements-facetorch.txt`` (what .ci/run and the README do) leaves nothing out:
+    every module facetorch imports, and every dependency its listed packages declare, is listed there or comes with
+    requirements.txt, requirements-training.txt or ComfyUI's torch, torchvision and numpy. facetorch's own
+    declarations are left aside only where they are no import: its torch<2.4 (it runs on ours), pip and
+    googleapis-common-protos."""
+    import facetorch
+
+    facetorch_file = listed("requirements-facetorch.txt")
+    assert "facetorch==0.6.2" in requirement_lines("requirements-facetorch.txt")
+    others = dependency_closure([*listed("requirements.txt"), *listed("requirements-training.txt"),
+                                 *FROM_COMFYUI_REQUIREMENTS])
+    available = others | facetorch_file
+    imported = set()
+    for path in Path(facetorch.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    imported -= set(sys.stdlib_module_names) | {"facetorch"}
+    assert {"hydra", "gdown", "codetiming", "timm"} <= imported
+    assert {module for module in imported if not providers(module) & available} == set(), \
+        "facetorch imports these, but nothing installed with --no-deps -r requirements-facetorch.txt provides them"
+    assert not {"google", "pip"} & imported  # why its googleapis-common-protos and pip need not be listed
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    declared = [Requirement(line) for line in requires("facetorch")]
+    direct = [r.name for r in declared if normalise(r.name) not in {"torch", "pip", "googleapis-common-protos"}
+              and (r.marker is None or r.marker.evaluate({"extra": ""}))]
+    needed = dependency_closure([*direct, *(package for package in facetorch_file if package != "facetorch")])
+    assert needed - available == set(), "needed by facetorch (its dependencies' dependencies included) but neither " \
+                                         "listed in requirements-facetorch.txt nor installed by the other files"
+    assert "facetorch" not in tomllib_project().get("optional-dependencies", {}), \
+        "an extra would let pip resolve facetorch's torch<2.4 and replace torch"
+    assert '--no-deps -r "$facetorch_requirements"' in (ROOT / ".ci" / "run").read_text()
+
+
+def tomllib_project() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
