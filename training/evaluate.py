@@ -16,7 +16,9 @@ Metrics (see :mod:`training.metrics`): ID similarity (needs --insightface), 3D E
 --smirk), Exp (sum and mean) and LMS (need --landmarker, MediaPipe), FID (needs --real and Inception
 weights; computed by torchmetrics), LIQE (--liqe-weights with pyiqa). FaceCrafter's columns: Exp-RMSE
 (SMIRK), Pose-RMSE (MediaPipe head pose), V/A/Dist-RMSE and Class-ACC (--emonet); ID-only diversity
-(LPIPS with --lpips-backbone, std of expression and pose) over entries sharing an ``identity``.
+(LPIPS with --lpips-backbone, std of expression and pose) over entries sharing an ``identity``. Arc2Face-Exp's
+Em. Acc., AU-MSE and VA-MSE (--facetorch: facetorch's own FER, AU and VA predictors, files in --facetorch-models,
+fetched by facetorch's downloader only with --facetorch-download; :mod:`training.facetorch_metrics`).
 ``--paper-table arc2face|emojidiff|facecrafter|...`` prints the paper's rows beside ours in the same columns, and the
 paper's evaluation protocol (identities, expressions per identity, sampler, steps, guidance) beside this run's counts
 (``python -m training.benchmarks`` builds each protocol's targets from your images); ID similarity then uses that
@@ -36,21 +38,23 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
+from . import facetorch_metrics, metrics
 from .prepare import IMAGE_SUFFIXES, read_image
 
 METRIC_COLUMNS = ["id_similarity", "exp_mse", "exp", "exp_mean", "lms", "liqe"]
 # Set-level columns (FaceCrafter Table 1), computed over all pairs that have both sides.
 SET_METRICS = {"emotion": metrics.emotion_errors, "flame": lambda t, g: {"exp_rmse": metrics.exp_rmse(t, g)},
-               "head_pose": lambda t, g: {"pose_rmse": metrics.pose_rmse(t, g)}}
+               "head_pose": lambda t, g: {"pose_rmse": metrics.pose_rmse(t, g)},
+               **facetorch_metrics.SET_METRICS}  # Arc2Face-Exp's Em. Acc., AU-MSE, VA-MSE
 
 
 class ImageAnnotator:
     """What the metrics need from one picture, each part only when its model is given."""
 
     def __init__(self, insightface=None, smirk=None, landmarker=None, provider="cpu", det_size=640,
-                 smirk_channel_order="RGB", recognizer=None, emonet=None):
+                 smirk_channel_order="RGB", recognizer=None, emonet=None, facetorch=None):
         self.analyzer = self.smirk = self.landmarker = self.emonet = None
+        self.facetorch = facetorch  # a facetorch_metrics.FacetorchAnnotator, or None
         if emonet:
             from encoders.emotion import load_emonet
 
@@ -113,6 +117,9 @@ class ImageAnnotator:
 
             landmarks = Landmarks(torch.from_numpy(out["landmarks"])[None]) if "landmarks" in out else None
             out["emotion"] = predict_emotion(self.emonet, rgb[None], landmarks)[0].values[0].numpy()
+        if self.facetorch is not None and (self.analyzer is None or face is not None):
+            # facetorch's predictors read the detector's face box (the whole picture when no detector is given)
+            out |= self.facetorch(rgb, None if face is None else face.box)
         return out
 
 
@@ -186,7 +193,7 @@ def target_fields(entry: Mapping, annotator: ImageAnnotator, cache: dict) -> dic
     elif "identity_image" in entry:
         fields["id_embedding"] = _annotated(entry["identity_image"], annotator, cache).get("id_embedding")
     expression = _annotated(entry["expression_image"], annotator, cache) if "expression_image" in entry else {}
-    for key in ("flame", "blendshapes", "landmarks", "emotion", "head_pose"):
+    for key in ("flame", "blendshapes", "landmarks", "emotion", "head_pose", *facetorch_metrics.SET_METRICS):
         if key in entry:
             fields[key] = np.asarray(entry[key], dtype=np.float64)
         elif key in expression:
@@ -284,9 +291,11 @@ def compute_fid(real_folder, generated_paths, weights, backend, device) -> float
 def evaluate(generated_folder, targets_path, out, insightface=None, smirk=None, landmarker=None, real=None,
              inception_weights=None, fid_backend="fid-inception", pair_by="name", provider="cpu", device="cpu",
              recognizer=None, det_size=640, emonet=None, liqe_weights=None, lpips_backbone=None,
-             paper_table=None) -> dict:
+             paper_table=None, facetorch=False, facetorch_models=facetorch_metrics.DEFAULT_MODELS,
+             facetorch_download=False) -> dict:
     """``paper_table``: the table the numbers go beside; its paper's recogniser measures ID unless ``recognizer``
-    names another."""
+    names another. ``facetorch``: Arc2Face-Exp's Em. Acc., AU-MSE and VA-MSE with facetorch's predictors, their
+    files in ``facetorch_models`` (fetched by facetorch's downloader when missing only if ``facetorch_download``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notes = []
@@ -298,8 +307,20 @@ def evaluate(generated_folder, targets_path, out, insightface=None, smirk=None, 
         notes.append("no --landmarker (MediaPipe face_landmarker.task): Exp and LMS left out")
     if not emonet:
         notes.append("no --emonet: FaceCrafter's V/A/Dist-RMSE and Class-ACC left out")
+    facetorch_annotator = None
+    if facetorch:
+        try:
+            facetorch_annotator = facetorch_metrics.FacetorchAnnotator(facetorch_models, device, facetorch_download)
+        except facetorch_metrics.FacetorchMissing as error:
+            raise SystemExit(f"--facetorch: {error}") from error
+        notes.append("Em. Acc., AU-MSE, VA-MSE: facetorch's FER, AU and VA models from "
+                     f"{facetorch_annotator.models_dir}, on " + ("--insightface's face box" if insightface else
+                                                                 "the whole picture (no --insightface face box)"))
+    else:
+        notes.append("no --facetorch: Arc2Face-Exp's Em. Acc., AU-MSE and VA-MSE left out")
     annotator = ImageAnnotator(insightface, smirk, landmarker, provider, det_size,
-                               recognizer=recognizer_for(insightface, recognizer, paper_table), emonet=emonet)
+                               recognizer=recognizer_for(insightface, recognizer, paper_table), emonet=emonet,
+                               facetorch=facetorch_annotator)
     if annotator.analyzer is not None:
         notes.append(f"ID similarity measured with {annotator.analyzer.recognizer_path.name}")
     liqe = lpips = None
@@ -381,6 +402,16 @@ def parse_args(argv=None):
     parser.add_argument("--fid-backend", choices=("fid-inception", "torchvision", "pytorch-fid"), default="fid-inception",
                         help="fid-inception: torchmetrics/torch-fidelity's port of the FID network (comparable numbers)")
     parser.add_argument("--emonet", help="EmoNet checkpoint (FaceCrafter's V/A/Dist-RMSE and Class-ACC)")
+    parser.add_argument("--facetorch", action="store_true",
+                        help="Arc2Face-Exp's Em. Acc. (8 classes), AU-MSE and VA-MSE with facetorch's own models "
+                             "(needs: python -m pip install --no-deps -r requirements-facetorch.txt)")
+    parser.add_argument("--facetorch-models", default=str(facetorch_metrics.DEFAULT_MODELS),
+                        help="folder of facetorch's model files in its own layout (predictor/fer/2/model.pt, "
+                             "predictor/au/1/model.pt, predictor/va/1/model.pt; default %(default)s; "
+                             "/opt/facetorch/models/torchscript works as it is)")
+    parser.add_argument("--facetorch-download", action="store_true",
+                        help="let facetorch's downloader fetch missing model files from the Hugging Face hub into "
+                             "--facetorch-models (nothing is downloaded without it)")
     parser.add_argument("--liqe-weights", help="pyiqa's LIQE weights file (EmojiDiff's IQ column; needs pip install pyiqa)")
     parser.add_argument("--lpips-backbone", help="torchvision alexnet weights file (LPIPS diversity between samples "
                         "of one identity; entries name their identity with 'identity' or 'identity_image')")
@@ -403,7 +434,8 @@ def main(argv=None) -> dict:
     summary = evaluate(args.generated, args.targets, args.out, args.insightface, args.smirk, args.landmarker, args.real,
                        args.inception_weights, args.fid_backend, args.pair_by, args.provider, args.device,
                        args.recognizer, args.det_size, args.emonet, args.liqe_weights, args.lpips_backbone,
-                       args.paper_table)
+                       args.paper_table, facetorch=args.facetorch, facetorch_models=args.facetorch_models,
+                       facetorch_download=args.facetorch_download)
     print(format_table(summary))
     if args.paper_table:
         from .paper_tables import describe_run, paper_table

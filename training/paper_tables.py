@@ -106,8 +106,9 @@ ARC2FACE_ABLATION_ROWS = {
 ARC2FACE_NOTES = [
     "FID: the paper's (0.128-0.701) is on a scale it does not explain, against the input identity images; ours is "
     "the usual FID (give --real the benchmark's identities/ folder): the two are not comparable",
-    "Em. Acc., AU-MSE, VA-MSE: the paper's come from Facetorch's models; 3D Exp-MSE: ours on SMIRK's 50 expression "
-    "parameters (the paper's SMIRK)",
+    "Em. Acc., AU-MSE, VA-MSE: ours from the paper's Facetorch models with --facetorch (8 classes; all 41 AU scores; "
+    "VA-MSE the mean over valence and arousal: training/README.md gives our reading); 3D Exp-MSE: ours on SMIRK's 50 "
+    "expression parameters (the paper's SMIRK)",
     "ID similarity: the paper plots its distribution (Fig. 4) and prints no number; ours is in the summary above",
 ]
 
