@@ -12,6 +12,15 @@ device and a dtype, it answers
 
 A host then calls :func:`add_branch`. ComfyUI's patches (``hosts/comfyui``) and the diffusers processor
 (``hosts.diffusers``) both go through here, so the rows and the strength are spelled once.
+
+A condition combines with the layer in one of two ways:
+
+- *added* (every cross-attention branch above): :func:`add_branch` adds each row's scale times the attention of
+  its query over the branch's keys/values to the layer's own output;
+- *concatenated* (the Reference Adapter's read in self-attention, ``adapters.reference.ReferenceCondition``):
+  its ``scales`` are a CPU bool per row, which rows read, and its keys/values one row per reading row (the
+  recorded reference tokens through the layer's own ``to_k``/``to_v``); ``adapters.reference.attend_with_reference``
+  appends them to the reading rows' own keys/values, so those rows attend over both in one softmax.
 """
 
 from __future__ import annotations

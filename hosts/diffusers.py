@@ -18,11 +18,12 @@ or, for training batches whose rows are laid out already (per-sample condition d
          cross_attention_kwargs={"adapter_tokens": {"expression": tokens},   # (batch, T, D)
                                  "adapter_scale": {"expression": 1.0}})
 
-The Reference Adapter's write/read path travels the same way, as a :class:`ReferenceBank`::
+The Reference Adapter's write/read path travels the same way, as a :class:`ReferenceBank`; what it
+records is read as the seam's second kind of condition (``adapters.reference.ReferenceCondition``)::
 
     bank = ReferenceBank()
     reference_unet(ref_latent, 0, encoder_hidden_states=id_cond, cross_attention_kwargs={"reference": bank.writing()})
-    unet(latents, t, encoder_hidden_states=cond, cross_attention_kwargs={"reference": bank.reading(cond_rows)})
+    unet(latents, t, encoder_hidden_states=cond, cross_attention_kwargs={"reference": bank.reading(layout)})
 
 A dict passed as ``attention_record`` receives, per cross-attention layer with adapter branches,
 the layer's attention output before ``to_out`` (the ID attention plus the scaled branches),
@@ -43,7 +44,7 @@ from adapters.attention import multi_head_attention
 from adapters.branches import add_branch, is_off
 from adapters.cross_attention_adapter import CrossAttentionAdapter
 from adapters.layers import AttentionLayer
-from adapters.reference import attend_with_reference, reference_rows
+from adapters.reference import ReferenceCondition, ReferenceLayer, attend_with_reference
 from adapters.rows import RowLayout
 
 
@@ -65,24 +66,26 @@ class PerRowTokens:
 
 
 class ReferenceBank:
-    """Self-attention inputs recorded by a Reference UNet pass, read by the denoising UNet's passes."""
+    """Self-attention inputs recorded by a Reference UNet pass ({module name: (references, tokens, width)}),
+    read by the denoising UNet's passes as :attr:`condition`."""
 
     def __init__(self):
         self.mode: str | None = None
         self.features: dict[str, torch.Tensor] = {}
-        self.read_rows: torch.Tensor | None = None
+        self.condition: ReferenceCondition | None = None
+        self.layout: RowLayout | None = None
 
     def writing(self) -> ReferenceBank:
         self.mode, self.features = "write", {}
         return self
 
     def reading(self, rows: torch.Tensor | RowLayout) -> ReferenceBank:
-        """``rows``: a bool per batch row, True for the rows that read the reference (in row order they
-        take reference 0, 1, ... or all the one reference), or a :class:`RowLayout`, whose conditional
-        chunks read it, as in ComfyUI."""
-        if isinstance(rows, RowLayout):
-            rows = rows.conditional_mask()
-        self.mode, self.read_rows = "read", rows.bool()
+        """``rows``: a :class:`RowLayout`, whose conditional chunks read the reference, as in ComfyUI; or a bool
+        per batch row, True for the rows that read it (in row order they take reference 0, 1, ... or all the
+        one reference)."""
+        layout = rows if isinstance(rows, RowLayout) else None
+        self.mode, self.layout = "read", layout
+        self.condition = ReferenceCondition(self.features, None if layout is not None else rows)
         return self
 
 
@@ -104,8 +107,9 @@ class AdapterAttnProcessor:
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        layout = rows or RowLayout(query.shape[0])
         if reference is not None and encoder_hidden_states is None:
-            out = self._self_attention_with_reference(attn, hidden_states, query, key, value, reference)
+            out = self._self_attention_with_reference(attn, hidden_states, query, key, value, reference, layout)
         else:
             out = multi_head_attention(query, key, value, attn.heads)
         for name, (adapter, layer) in self.branches.items():
@@ -114,7 +118,6 @@ class AdapterAttnProcessor:
                 condition = PerRowTokens(adapter, adapter_tokens[name], (adapter_scale or {}).get(name, 1.0))
             if condition is None:
                 continue
-            layout = rows or RowLayout(query.shape[0])
             scales = condition.scales(layout, adapter_options)
             if not is_off(scales):
                 key, value = condition.keys_values(layer, layout, query.device, query.dtype)
@@ -126,14 +129,16 @@ class AdapterAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _self_attention_with_reference(self, attn, hidden_states, query, key, value, reference: ReferenceBank):
+    def _self_attention_with_reference(self, attn, hidden_states, query, key, value, reference: ReferenceBank,
+                                       layout: RowLayout):
         if reference.mode == "write":
             reference.features[self.name] = hidden_states
             return multi_head_attention(query, key, value, attn.heads)
-        reads = reference.read_rows.cpu()
-        tokens = reference.features[self.name].to(query.dtype)
-        which = reference_rows(tokens.shape[0], int(reads.sum())).to(query.device)
-        return attend_with_reference(query, key, value, reads, attn.to_k(tokens)[which], attn.to_v(tokens)[which],
+        layout = reference.layout or layout
+        reads = reference.condition.scales(layout)
+        read = (reference.condition.keys_values(ReferenceLayer(self.name, attn), layout, query.device, query.dtype)
+                if reads.any() else (None, None))
+        return attend_with_reference(query, key, value, reads, *read,
                                      lambda q, k, v, reading: multi_head_attention(q, k, v, attn.heads))
 
 

@@ -4,11 +4,13 @@ a row layout against the same processor given those hand-made rows."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from adapters.branches import TokenCondition, add_branch
 from adapters.facecrafter import GUIDANCE_SWITCHES, SWITCHES_KEY, SwitchedCondition
 from adapters.layers import SD15, cross_attention_layers
+from adapters.reference import ReferenceCondition, ReferenceLayer
 from adapters.rows import COND, UNCOND, RowLayout
 from hosts.diffusers import attach_adapters
 from support.tiny_unets import CONTEXT_DIM, diffusers_unet, random_expression_adapter
@@ -46,6 +48,66 @@ def test_switched_condition_keeps_one_shared_row_and_scales_rows_by_their_chunks
     assert condition.scales(layout, {SWITCHES_KEY: GUIDANCE_SWITCHES}) == [0.5, 0.5, 0, 0, 0, 0, 0, 0]
     # without the Guider's switches: a plain sampler's, on for the positive (index 0) only
     assert condition.scales(layout, {}) == [0, 0, 0.5, 0.5, 0, 0, 0, 0]
+
+
+class SelfAttention(torch.nn.Module):
+    """Stands for a host's self-attention module: the reference read needs only its to_k/to_v."""
+
+    def __init__(self, width: int, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.to_k = torch.nn.Linear(width, width, bias=False)
+        self.to_v = torch.nn.Linear(width, width, bias=False)
+        with torch.no_grad():
+            self.to_k.weight.copy_(torch.randn(width, width, generator=generator) / width**0.5)
+            self.to_v.weight.copy_(torch.randn(width, width, generator=generator) / width**0.5)
+
+
+# (layout, whether each chunk reads): the CFG pair, and the FaceCrafter Guider's predictions (0 its negative, the
+# others conditional) in a shuffled order: 3 chunks (a weight at 0 drops one) and all 4
+GUIDER = {0: False, 1: True, 2: True, 3: True}
+REFERENCE_LAYOUTS = {
+    "cfg 2 chunks": (lambda chunk: RowLayout(2 * chunk, [UNCOND, COND]), [False, True]),
+    "guider 3 chunks": (lambda chunk: RowLayout(3 * chunk, [1, 0, 3], conditional=GUIDER), [True, False, True]),
+    "guider 4 chunks": (lambda chunk: RowLayout(4 * chunk, [2, 0, 3, 1], conditional=GUIDER), [True, False, True, True]),
+}
+
+
+@pytest.mark.parametrize("references", ["one reference", "one per image"])
+@pytest.mark.parametrize("chunks", list(REFERENCE_LAYOUTS))
+def test_reference_condition_reads_its_projected_tokens_on_every_conditional_chunk(references, chunks):
+    chunk, width, tokens_per_image = 3, 16, 5
+    attention = SelfAttention(width, seed=2)
+    generator = torch.Generator().manual_seed(4)
+    recorded = torch.randn(1 if references == "one reference" else chunk, tokens_per_image, width, generator=generator)
+    other_block = torch.randn(1, tokens_per_image, width, generator=generator)
+    condition = ReferenceCondition({("input", 1, 0): recorded, ("output", 11, 0): other_block})
+    make_layout, reading_chunks = REFERENCE_LAYOUTS[chunks]
+    layout = make_layout(chunk)
+    # by hand: image i of a chunk reads reference i (or the one reference), through this layer's to_k/to_v;
+    # every reading chunk gets the same rows, in batch order
+    with torch.no_grad():
+        image_keys = [attention.to_k(recorded[i % recorded.shape[0]]) for i in range(chunk)]
+        image_values = [attention.to_v(recorded[i % recorded.shape[0]]) for i in range(chunk)]
+        expected_key = torch.stack([key for reads in reading_chunks if reads for key in image_keys])
+        expected_value = torch.stack([value for reads in reading_chunks if reads for value in image_values])
+        key, value = condition.keys_values(ReferenceLayer(("input", 1, 0), attention), layout, "cpu", torch.float32)
+    assert key.shape == (sum(reading_chunks) * chunk, tokens_per_image, width)
+    torch.testing.assert_close(key, expected_key)
+    torch.testing.assert_close(value, expected_value)
+    expected_reads = [reads for reads in reading_chunks for _ in range(chunk)]
+    assert condition.scales(layout).tolist() == expected_reads
+
+
+def test_reference_condition_given_reading_rows_reads_references_in_row_order():
+    attention = SelfAttention(8, seed=3)
+    recorded = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(6))
+    condition = ReferenceCondition({"block": recorded}, reads=torch.tensor([False, True, False, True]))
+    with torch.no_grad():
+        key, value = condition.keys_values(ReferenceLayer("block", attention), RowLayout(4), "cpu", torch.float32)
+        torch.testing.assert_close(key, torch.stack([attention.to_k(recorded[0]), attention.to_k(recorded[1])]))
+        torch.testing.assert_close(value, torch.stack([attention.to_v(recorded[0]), attention.to_v(recorded[1])]))
+    assert condition.scales(RowLayout(4)).tolist() == [False, True, False, True]
 
 
 def test_add_branch_with_one_scale_for_all_rows_is_the_scaled_attention():

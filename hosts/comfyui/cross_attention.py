@@ -100,6 +100,7 @@ class PerRunCache:
         self.gate = gate
         self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._lock = threading.Lock()  # chunks evaluated in threads project each entry once
+        self.projections = 0  # how many K/V projections ran (tests check: once per layer and run)
 
     def __deepcopy__(self, memo):
         return self
@@ -125,6 +126,16 @@ class PerRunCache:
                     found = self._cache[key] = compute()
         return found
 
+    def condition_keys_values(self, condition, layer, layer_key: tuple, layout: RowLayout, device, dtype):
+        """``condition.keys_values`` (``adapters.branches``) for ``layer``, projected once per sampling run for
+        each ``layer_key``, device, dtype and row layout."""
+        def project():
+            self.projections += 1
+            with torch.no_grad():
+                return condition.keys_values(layer, layout, device, dtype)
+
+        return self.cached((*layer_key, device, dtype, layout.key), project)
+
 
 class BranchCache(PerRunCache):
     """One application's branch conditions (``adapters.branches``) by name, sharing one sigma gate, with each
@@ -134,15 +145,9 @@ class BranchCache(PerRunCache):
     def __init__(self, conditions: dict[str, object], gate: SigmaGate):
         super().__init__(gate)
         self.conditions = conditions
-        self.projections = 0  # how many K/V projections ran (tests check: once per layer and run)
 
     def keys_values(self, name: str, layer, layout: RowLayout, device, dtype):
-        def project():
-            self.projections += 1
-            with torch.no_grad():
-                return self.conditions[name].keys_values(layer, layout, device, dtype)
-
-        return self.cached((name, layer.comfy_key, device, dtype, layout.key), project)
+        return self.condition_keys_values(self.conditions[name], layer, (name, layer.comfy_key), layout, device, dtype)
 
 
 class BranchPatch(StackableReplace):

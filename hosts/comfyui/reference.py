@@ -6,7 +6,9 @@ an ``attn1_patch`` records every transformer block's ``norm1`` output.
 
 Read: an ``attn1`` replace per self-attention layer. Conditional rows attend over their own
 tokens plus the recorded ones, projected by the block's own ``to_k``/``to_v`` (LoRA-patched by
-ComfyUI's weight patching). Unconditional rows run exactly the computation of the unpatched model,
+ComfyUI's weight patching): the recorded tokens are a branch condition of ``adapters.branches``
+(``adapters.reference.ReferenceCondition``), which lays out the reading rows, and
+``attend_with_reference`` combines them with the layer's own. Unconditional rows run exactly the computation of the unpatched model,
 so they stay bit-identical to it; that is why this is a replace and not an ``attn1_patch``
 lengthening the context for every row. The replace registered before ours (another pack's) runs
 for every row: for conditional rows it gets their keys/values with the reference's appended, so
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ...adapters.layers import SD15, self_attention_layers
-from ...adapters.reference import attend_with_reference
+from ...adapters.reference import ReferenceCondition, ReferenceLayer, attend_with_reference
 from ...adapters.rows import COND, RowLayout
 from .attention import transformer_blocks
 from .cross_attention import PerRunCache
@@ -39,25 +41,22 @@ def check_sd15(model, kind: str) -> None:
 
 
 class ReferenceFeatures(PerRunCache):
-    """The recorded ``norm1`` outputs: {patch key: (references, tokens, width)} on the offload device.
+    """The recorded ``norm1`` outputs, {patch key: (references, tokens, width)} on the offload device, as the
+    :class:`~...adapters.reference.ReferenceCondition` every block reads.
 
     Their keys/values come from the block's LoRA-patched weights, fixed within a sampling run but not
-    between runs, so they are projected once per run (the per-run cache).
+    between runs, so they are projected once per run (the per-run cache wraps the condition).
     """
 
     def __init__(self):
         super().__init__()
         self.features: dict[tuple[str, int, int], torch.Tensor] = {}
+        self.condition = ReferenceCondition(self.features)
         self.captures = 0  # how many times the write pass ran (tests check: once per generation)
 
-    def keys_values(self, key, attn1: torch.nn.Module, like: torch.Tensor, layout: RowLayout):
-        """The recorded tokens of block ``key`` through its ``to_k``/``to_v``, one row per image of a chunk."""
-        def project():
-            reference = layout.per_image(self.features[key], "the reference image batch").to(like.device, like.dtype)
-            with torch.no_grad():
-                return attn1.to_k(reference), attn1.to_v(reference)
-
-        return self.cached((key, like.device, like.dtype, layout.chunk_size, layout.frames), project)
+    def keys_values(self, layer: ReferenceLayer, layout: RowLayout, device, dtype):
+        """The condition's keys/values for ``layer``: one row per reading row of ``layout``."""
+        return self.condition_keys_values(self.condition, layer, (layer.key,), layout, device, dtype)
 
     def record(self, n, context, value, extra_options):
         block = extra_options["block"]
@@ -66,7 +65,7 @@ class ReferenceFeatures(PerRunCache):
 
     @property
     def num_references(self) -> int:
-        return next(iter(self.features.values())).shape[0]
+        return self.condition.references
 
 
 def capture_reference_features(model, latent: torch.Tensor, context: torch.Tensor) -> ReferenceFeatures:
@@ -98,22 +97,19 @@ class ReferenceAttentionPatch(StackableReplace):
     def __init__(self, features: ReferenceFeatures, key, attn1: torch.nn.Module, previous=None):
         super().__init__(key, previous)
         self.features = features
-        self.attn1 = attn1
+        self.layer = ReferenceLayer(key, attn1)
 
     def __call__(self, q, k, v, extra_options):
         layout = RowLayout.of(q.shape[0], extra_options)
-        reads = layout.conditional_mask()
-        reference_key, reference_value = self.features.keys_values(self.key, self.attn1, q, layout)
-        if layout.conditional_chunks > 1:  # one chunk's rows per conditional chunk (the FaceCrafter Guider has 3)
-            reference_key = reference_key.repeat(layout.conditional_chunks, 1, 1)
-            reference_value = reference_value.repeat(layout.conditional_chunks, 1, 1)
+        reads = self.features.condition.scales(layout, extra_options)
+        reference = self.features.keys_values(self.layer, layout, q.device, q.dtype) if reads.any() else (None, None)
 
         def attention(q, k, v, reading):
             # the earlier replace sees the rows it gets, with their own chunks in cond_or_uncond
             chunks = [index for index in layout.chunks if layout.conditional(index) == reading]
             return self.attention_before(q, k, v, {**extra_options, "cond_or_uncond": chunks})
 
-        out = attend_with_reference(q, k, v, reads, reference_key, reference_value, attention)
+        out = attend_with_reference(q, k, v, reads, *reference, attention)
         return self.run_added(out, q, k, v, extra_options)
 
 
