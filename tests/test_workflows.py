@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from support.comfy_browser import sample_photo, write_video
 from support.headless import run_arguments
 from support.onnx_face_models import face_crop, insightface_images
 from support.pack_snapshots import INSTANTID, NODE_TYPES, extract, packs_for
-from support.workflow_models import LANDMARKER, write_instantid_face_models, write_workflow_models
+from support.workflow_models import write_instantid_face_models, write_workflow_models
 from workflows import convert
 
 pytestmark = pytest.mark.comfyui
@@ -206,14 +205,12 @@ def run_jobs(comfy, folder: Path, jobs: dict, flags: str, custom_nodes=()) -> di
 
 
 @pytest.fixture(scope="module")
-def headless(comfy, tmp_path_factory, t1):
+def headless(comfy, tmp_path_factory, t1, mediapipe_task):
     """Every API workflow run headless (and again with this pack's strengths at 0): ``{name: result}``, see workflow_jobs."""
-    if not LANDMARKER.is_file():
-        message = f"MediaPipe's face_landmarker.task is not in the test cache ({LANDMARKER})"
-        pytest.fail(message) if os.environ.get("CI") == "true" else pytest.skip(message)
     root = tmp_path_factory.mktemp("workflow_runs")
     custom_nodes, comfyui_base = root / "custom_nodes", root / "comfyui_base"
-    models = write_workflow_models(root / "models", t1, comfy.path, instantid_pack=extract(INSTANTID, custom_nodes))
+    models = write_workflow_models(root / "models", t1, comfy.path, instantid_pack=extract(INSTANTID, custom_nodes),
+                                  landmarker=mediapipe_task)
     write_instantid_face_models(comfyui_base, t1)
     photos = write_photos(root / "photos", t1)
     groups: dict[tuple, dict] = {}  # (ComfyUI's flags, other packs) -> jobs

@@ -34,7 +34,6 @@ from support.onnx_face_models import export_detector, export_recognizer
 from support.training_helpers import write_face_models, write_smirk_checkpoint
 
 CACHE = Path(os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE", Path.home() / ".cache" / "expression_adapters_tests"))
-LANDMARKER = CACHE / "mediapipe" / "face_landmarker.task"
 SD15_CHECKPOINT = "checkpoints/v1-5-pruned-emaonly.safetensors"
 SDXL_CHECKPOINT = "checkpoints/sd_xl_base_1.0.safetensors"
 CLIP_VISION = "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
@@ -237,9 +236,10 @@ def cached_in_own_process(folder: str, name: str, writer: str, *arguments: Path)
     return CACHE / folder / name
 
 
-def write_workflow_models(root: Path, t1, comfyui: Path, instantid_pack: Path) -> list[Path]:
+def write_workflow_models(root: Path, t1, comfyui: Path, instantid_pack: Path, landmarker: Path) -> list[Path]:
     """The models folders (ComfyUI layout) that together hold every file the shipped workflows load;
-    ``instantid_pack``: the extracted ComfyUI_InstantID pack, whose Resampler InstantID's file holds.
+    ``instantid_pack``: the extracted ComfyUI_InstantID pack, whose Resampler InstantID's file holds;
+    ``landmarker``: MediaPipe's real face_landmarker.task (the ``mediapipe_task`` fixture's).
 
     The cached checkpoints are written (once) in a process of their own: building them holds about 8 GB.
     """
@@ -278,6 +278,5 @@ def write_workflow_models(root: Path, t1, comfyui: Path, instantid_pack: Path) -
         torch.save({part: {key: value.half() for key, value in weights.items()} for part, weights in state.items()},
                    root / "ipadapter" / name)
     (root / "mediapipe").mkdir()
-    if LANDMARKER.is_file():
-        shutil.copyfile(LANDMARKER, root / "mediapipe" / "face_landmarker.task")
+    shutil.copyfile(landmarker, root / "mediapipe" / "face_landmarker.task")
     return [official_models_dir(), root]
