@@ -47,7 +47,7 @@ def random_e_adapter(pack, channels: int):
 
 def patched_model(pack, plain, adapter):
     id_embedding = F.normalize(torch.randn(1, 512), dim=-1)
-    return pack.hosts.comfyui.e_adapter.apply_e_adapter(plain, adapter, id_embedding, torch.randn(1, 1024))
+    return pack.nodes.e_adapter_nodes.apply_e_adapter(plain, adapter, id_embedding, torch.randn(1, 1024))
 
 
 def count_flops(model, x, sigma, context) -> int:

@@ -13,15 +13,17 @@ import math
 
 import folder_paths
 import numpy as np
+import torch
 from comfy_api.latest import io
 
+from ..adapters.branches import TokenCondition
 from ..adapters.checkpoints import E_ADAPTER_FILE, adapter_file_kind
 from ..adapters.e_adapter import EAdapter
 from ..adapters.layers import LAYER_SETS
 from ..encoders.core_face_landmarks import read_core_face_landmarks, read_each
 from ..encoders.expression_metrics import expression_scores
 from ..encoders.previews import score_table
-from ..hosts.comfyui.e_adapter import apply_e_adapter
+from ..hosts.comfyui.e_adapter import install_e_adapter
 from .types import ArcFaceEmbeddingType, CoreFaceLandmarksType, EAdapterType, FaceLandmarkerType
 from .validation import check_choices, check_numbers
 
@@ -90,6 +92,52 @@ class LoadEAdapter(io.ComfyNode):
                     adapter.layout.name, adapter.expression_layers, adapter.clip_vision, adapter.id_recognizer,
                     adapter.lora_file or (f"{len(adapter.lora)} modules from the FaceID file" if adapter.lora else "none"))
         return io.NodeOutput(adapter.compact_branches().eval())
+
+
+RECOGNIZER_ATTRIBUTE = "recognizer"  # set on ARCFACE_EMBEDDING tensors by Face Embed
+
+
+def check_recognizer(adapter: EAdapter, embeddings: torch.Tensor) -> None:
+    """Refuse identity embeddings from another recogniser: each ArcFace model has its own embedding space."""
+    made_by = getattr(embeddings, RECOGNIZER_ATTRIBUTE, None)
+    if made_by is not None and made_by != adapter.id_recognizer:
+        raise ValueError(
+            f"the identity embedding was made by {made_by}, but the E-Adapter's ID branch (IP-Adapter FaceID) was "
+            f"trained on {adapter.id_recognizer} embeddings, a different embedding space: in Load InsightFace set "
+            f"recognizer to buffalo_l/{adapter.id_recognizer} (insightface's buffalo_l pack) and run Face Embed again")
+
+
+def e_adapter_conditions(adapter: EAdapter, id_embeddings: torch.Tensor | None = None,
+                         image_embeds: torch.Tensor | None = None, id_strength: float = 1.0,
+                         expression_strength: float = 1.0, expression_layers: str = "auto") -> dict[str, TokenCondition]:
+    """The E-Adapter's branch conditions, their tokens computed once, before anything is patched: the ID branch's
+    from the identity embedding, the expression branch's (on ``expression_layers``) from the CLIP vision
+    ``image_embeds``; either may be left out."""
+    if id_embeddings is None and image_embeds is None:
+        raise ValueError("Apply E-Adapter needs an identity embedding, a CLIP vision output of the expression photo, or both")
+    conditions = {}
+    with torch.no_grad():
+        if id_embeddings is not None:
+            check_recognizer(adapter, id_embeddings)
+            conditions["identity embedding"] = TokenCondition(
+                adapter.identity, adapter.id_tokens(id_embeddings), adapter.unconditional_id_tokens(), id_strength,
+                "the identity embedding")
+        if image_embeds is not None:
+            conditions["expression image"] = TokenCondition(
+                adapter.expression_branch(expression_layers), adapter.expression_tokens(image_embeds),
+                adapter.unconditional_expression_tokens(), expression_strength, "the expression image")
+    return conditions
+
+
+def apply_e_adapter(model, adapter: EAdapter, id_embeddings: torch.Tensor | None = None,
+                    image_embeds: torch.Tensor | None = None, id_strength: float = 1.0, expression_strength: float = 1.0,
+                    expression_layers: str = "auto", start_at: float = 0.0, end_at: float = 1.0,
+                    lora_strength: float = 1.0):
+    """What Apply E-Adapter does: a clone of ``model`` with the E-Adapter's branches (tokens computed here) and
+    its FaceID LoRA (the host's)."""
+    conditions = e_adapter_conditions(adapter, id_embeddings, image_embeds, id_strength, expression_strength,
+                                      expression_layers)
+    return install_e_adapter(model, adapter, conditions, start_at, end_at, lora_strength)
 
 
 class ApplyEAdapter(io.ComfyNode):

@@ -50,7 +50,7 @@ def conditions(batch: int, seed: int = 5):
 
 
 def apply(comfy, model, adapter, id_embeddings=None, image_embeds=None, **options):
-    return comfy.pack.hosts.comfyui.e_adapter.apply_e_adapter(model, adapter, id_embeddings, image_embeds, **options)
+    return comfy.pack.nodes.e_adapter_nodes.apply_e_adapter(model, adapter, id_embeddings, image_embeds, **options)
 
 
 def diffusers_reference(hosts, published, family, order, id_embeddings, image_embeds, id_scale=1.0, expression_scale=1.0):

@@ -86,7 +86,7 @@ def test_sdxl_path_of_the_nodes_on_a_tiny_sdxl_model(comfy, nodes, ipadapter_fol
     identity.recognizer = "w600k_r50.onnx"
     clip = torch.randn(1, 1024)
     patched = apply_node(nodes, hosts.model, adapter, identity, clip, lora_strength=0.0)
-    direct = comfy.pack.hosts.comfyui.e_adapter.apply_e_adapter(hosts.model, adapter, identity, clip, lora_strength=0.0)
+    direct = comfy.pack.nodes.e_adapter_nodes.apply_e_adapter(hosts.model, adapter, identity, clip, lora_strength=0.0)
     node_out = hosts.comfy(patched, cond_or_uncond=[1, 0])
     torch.testing.assert_close(node_out, hosts.comfy(direct, cond_or_uncond=[1, 0]), atol=1e-6, rtol=1e-6)
     assert (node_out - hosts.comfy(cond_or_uncond=[1, 0])).abs().max() > 1e-2

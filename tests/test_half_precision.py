@@ -68,8 +68,8 @@ def patch(comfy, kind: str, model, family: str, folder):
         return host.cross_attention.apply_cross_attention_branch(model, adapter, tokens, adapter.unconditional_tokens())
     if kind == "e_adapter":  # both branches and the FaceID LoRA
         identity = F.normalize(torch.randn(1, 512, generator=generator), dim=-1)
-        return host.e_adapter.apply_e_adapter(model, e_adapter(family, folder), identity,
-                                                     torch.randn(1, 1024, generator=generator))
+        return comfy.pack.nodes.e_adapter_nodes.apply_e_adapter(model, e_adapter(family, folder), identity,
+                                                                torch.randn(1, 1024, generator=generator))
     if kind == "facecrafter":
         crafter = random_facecrafter()
         with torch.no_grad():

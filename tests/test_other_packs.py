@@ -235,10 +235,10 @@ def ours(comfy, kind: str, model, family: str, strength: float, folder: Path):
         return host.cross_attention.apply_cross_attention_branch(model, adapter, tokens, adapter.unconditional_tokens(),
                                                                        strength)
     if kind == "e_adapter_id":
-        return host.e_adapter.apply_e_adapter(model, e_adapter(family, folder), identity(), None, id_strength=strength)
+        return comfy.pack.nodes.e_adapter_nodes.apply_e_adapter(model, e_adapter(family, folder), identity(), None, id_strength=strength)
     if kind == "e_adapter_expression":
-        return host.e_adapter.apply_e_adapter(model, e_adapter(family, folder), None, image_embeds(24),
-                                                    expression_strength=strength, expression_layers="all")
+        return comfy.pack.nodes.e_adapter_nodes.apply_e_adapter(model, e_adapter(family, folder), None, image_embeds(24),
+                                                                expression_strength=strength, expression_layers="all")
     assert kind == "facecrafter"
     crafter = random_facecrafter()
     with torch.no_grad():
@@ -297,7 +297,7 @@ def test_e_adapter_id_with_ipadapter_plus_equals_diffusers_multi_ip_adapter(comf
     lambda_id, weight = 0.8, 0.7
 
     def add_ours(model):
-        return comfy.pack.hosts.comfyui.e_adapter.apply_e_adapter(model, adapter, identity(), None, id_strength=lambda_id)
+        return comfy.pack.nodes.e_adapter_nodes.apply_e_adapter(model, adapter, identity(), None, id_strength=lambda_id)
 
     def add_theirs(model):
         return ipadapter(packs, model, family, weight)

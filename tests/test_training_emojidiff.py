@@ -255,7 +255,7 @@ def test_exports_load_in_load_e_adapter_and_change_comfyui_output(comfy, stage, 
     generator = torch.Generator().manual_seed(3)
     faceid = torch.nn.functional.normalize(torch.randn(1, 512, generator=generator), dim=-1)
     clip_image = torch.randn(1, 1024, generator=generator)
-    patched = comfy.pack.hosts.comfyui.e_adapter.apply_e_adapter(model, adapter, faceid, clip_image, lora_strength=0.0)
+    patched = comfy.pack.nodes.e_adapter_nodes.apply_e_adapter(model, adapter, faceid, clip_image, lora_strength=0.0)
     x = torch.randn(1, 4, 8, 8, generator=generator)
     context = torch.randn(1, 77, 32, generator=generator)
     t = torch.full((1,), 500.0)

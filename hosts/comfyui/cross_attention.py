@@ -183,13 +183,21 @@ def install_branch_patches(model, cache: BranchCache, layers, wrapper_key: str) 
     install_replaces(model, "attn2", by_key, lambda key, previous: BranchPatch(cache, by_key[key], previous=previous))
 
 
+def apply_token_condition(model, condition: TokenCondition, start_at: float = 0.0, end_at: float = 1.0,
+                          name: str = "expression"):
+    """A clone of ``model`` with ``condition``'s branch (its adapter's, at its strength) on each of the adapter's
+    layers, stacked on existing replaces."""
+    check_model_fits(condition.adapter, model)
+    patched = model.clone()
+    gate = SigmaGate.from_percents(patched, condition.strength, start_at, end_at)
+    install_branch_patches(patched, BranchCache({name: condition}, gate), condition.adapter.layers,
+                           "expression_adapters.branch_tokens")
+    return patched
+
+
 def apply_cross_attention_branch(model, adapter, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor,
                                  strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
                                  what: str = "expression"):
     """A clone of ``model`` with ``adapter``'s branch on each of its layers, stacked on existing replaces."""
-    check_model_fits(adapter, model)
-    patched = model.clone()
-    gate = SigmaGate.from_percents(patched, strength, start_at, end_at)
     condition = TokenCondition(adapter, cond_tokens.detach(), uncond_tokens.detach(), strength, f"the {what}")
-    install_branch_patches(patched, BranchCache({what: condition}, gate), adapter.layers, "expression_adapters.branch_tokens")
-    return patched
+    return apply_token_condition(model, condition, start_at, end_at, what)

@@ -1,7 +1,8 @@
 """ComfyUI host for the E-Adapter: two stacked cross-attention branches plus the FaceID LoRA.
 
-The ID branch goes on every cross-attention layer, the expression branch on its layer set, each
-through ``apply_cross_attention_branch`` (so they stack with each other, our other branches,
+The node computes the two branches' tokens and gives them as branch conditions (``TokenCondition``); here
+the ID branch goes on every cross-attention layer, the expression branch on its layer set, each
+through ``apply_token_condition`` (so they stack with each other, our other branches,
 IPAdapter and InstantID, follow ``cond_or_uncond`` and gate by sigma). The FaceID LoRA, when the
 adapter carries one, goes through ``ModelPatcher.add_patches`` with native keys (ComfyUI's own
 diffusers->ComfyUI mapping), as the Reference Adapter's LoRA does.
@@ -9,23 +10,12 @@ diffusers->ComfyUI mapping), as the Reference Adapter's LoRA does.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Mapping
 
+from ...adapters.branches import TokenCondition
 from ...adapters.e_adapter import EAdapter
-from .cross_attention import apply_cross_attention_branch, check_model_fits
+from .cross_attention import apply_token_condition, check_model_fits
 from .reference import native_lora_patches
-
-RECOGNIZER_ATTRIBUTE = "recognizer"  # set on ARCFACE_EMBEDDING tensors by Face Embed
-
-
-def check_recognizer(adapter: EAdapter, embeddings: torch.Tensor) -> None:
-    """Refuse identity embeddings from another recogniser: each ArcFace model has its own embedding space."""
-    made_by = getattr(embeddings, RECOGNIZER_ATTRIBUTE, None)
-    if made_by is not None and made_by != adapter.id_recognizer:
-        raise ValueError(
-            f"the identity embedding was made by {made_by}, but the E-Adapter's ID branch (IP-Adapter FaceID) was "
-            f"trained on {adapter.id_recognizer} embeddings, a different embedding space: in Load InsightFace set "
-            f"recognizer to buffalo_l/{adapter.id_recognizer} (insightface's buffalo_l pack) and run Face Embed again")
 
 
 def apply_faceid_lora(model, adapter: EAdapter, strength: float):
@@ -59,27 +49,12 @@ def apply_lora_file(model, path: str, strength: float):
     return patched
 
 
-def apply_e_adapter(model, adapter: EAdapter, id_embeddings: torch.Tensor | None = None,
-                    image_embeds: torch.Tensor | None = None, id_strength: float = 1.0, expression_strength: float = 1.0,
-                    expression_layers: str = "auto", start_at: float = 0.0, end_at: float = 1.0,
-                    lora_strength: float = 1.0):
-    """A clone of ``model`` with the E-Adapter's branches; either condition may be left out."""
-    if id_embeddings is None and image_embeds is None:
-        raise ValueError("Apply E-Adapter needs an identity embedding, a CLIP vision output of the expression photo, or both")
+def install_e_adapter(model, adapter: EAdapter, conditions: Mapping[str, TokenCondition], start_at: float = 0.0,
+                      end_at: float = 1.0, lora_strength: float = 1.0):
+    """A clone of ``model`` with the FaceID LoRA and the E-Adapter's branch conditions, each named by what it
+    reads (``{"identity embedding": ..., "expression image": ...}``, either left out), in that order."""
     check_model_fits(adapter.identity, model)
-    expression = adapter.expression_branch(expression_layers)
-    with torch.no_grad():
-        if id_embeddings is not None:
-            check_recognizer(adapter, id_embeddings)
-            id_tokens = adapter.id_tokens(id_embeddings)
-        if image_embeds is not None:
-            expression_tokens = adapter.expression_tokens(image_embeds)
     patched = apply_faceid_lora(model, adapter, lora_strength)
-    if id_embeddings is not None:
-        patched = apply_cross_attention_branch(patched, adapter.identity, id_tokens, adapter.unconditional_id_tokens(),
-                                               id_strength, start_at, end_at, what="identity embedding")
-    if image_embeds is not None:
-        patched = apply_cross_attention_branch(patched, expression, expression_tokens,
-                                               adapter.unconditional_expression_tokens(), expression_strength, start_at, end_at,
-                                               what="expression image")
+    for name, condition in conditions.items():
+        patched = apply_token_condition(patched, condition, start_at, end_at, name)
     return patched
