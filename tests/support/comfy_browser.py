@@ -181,6 +181,7 @@ class Frontend:
         self.browser = browser
         self._playwright = None
         self.console_errors: list[str] = []
+        self._in_flight, self._last_request_event = 0, time.monotonic()
 
     def __enter__(self) -> Frontend:
         from playwright.sync_api import sync_playwright
@@ -192,6 +193,9 @@ class Frontend:
         self.page = self.browser.new_page(viewport=VIEWPORT)
         self.page.on("console", lambda message: message.type == "error" and self.console_errors.append(message.text))
         self.page.on("pageerror", lambda error: self.console_errors.append(f"page error: {error}"))
+        self.page.on("request", lambda request: self._requests_in_flight(+1))
+        self.page.on("requestfinished", lambda request: self._requests_in_flight(-1))
+        self.page.on("requestfailed", lambda request: self._requests_in_flight(-1))
         self.page.goto(self.server.url, wait_until="load", timeout=180_000)
         self.page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=180_000)
         self.page.wait_for_load_state("networkidle", timeout=180_000)  # the start-up requests have all answered
@@ -208,7 +212,21 @@ class Frontend:
     def load_workflow(self, workflow: dict, name: str) -> None:
         self.console_errors.clear()  # only what loading this workflow causes
         self.page.evaluate("async ([w, n]) => { await window.app.loadGraphData(w, true, true, n); }", [workflow, name])
-        self.page.wait_for_timeout(1500)  # image previews load, sizes settle
+        self.settle()  # image previews load, sizes settle
+
+    def _requests_in_flight(self, change: int) -> None:
+        self._in_flight += change
+        self._last_request_event = time.monotonic()
+
+    def settle(self, quiet: float = 0.25, timeout: float = 30.0) -> None:
+        """Until no request of the page has been open or ended for ``quiet`` seconds (the previews have loaded and
+        what they answered was handled), then two frames drawn: what the page shows now is what it will show."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight > 0 or time.monotonic() - self._last_request_event < quiet:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the page kept {self._in_flight} requests open for {timeout} s")
+            self.page.wait_for_timeout(50)  # Playwright hands over the page's events while it waits
+        self.page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
 
     def node_boxes(self) -> list[dict]:
         """Each node's id, type, title, box [x, y, w, h] (title bar included) as the frontend laid it out,
@@ -280,7 +298,7 @@ class Frontend:
             return {x: rect.left + 60, y: rect.top + top, width: (x1 - x0) * scale + 2 * margin,
                     height: (y1 - y0) * scale + 2 * margin};
         }""")
-        self.page.wait_for_timeout(500)
+        self.settle()
         return clip
 
     def screenshot(self, path: Path, clip: dict | None = None) -> Path:
