@@ -94,6 +94,29 @@ def mediapipe_task():
         pytest.skip(message)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def workflow_runs(request, tmp_path_factory):
+    """The shipped workflows' headless runs (tests/test_workflows.py), started in the background as the session
+    starts when tests that read them are selected: they then run while the other tests do (support.workflow_runs).
+    None when they are not selected or cannot start here; the ``headless`` fixture then starts them itself, through
+    the ``comfy`` and ``mediapipe_task`` fixtures, which say why they cannot run."""
+    from support.mediapipe_model import ModelUnavailable, face_landmarker_task
+    from support.workflow_runs import BackgroundRuns
+
+    comfyui = runner.find_comfyui()
+    if comfyui is None or not any("headless" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    try:
+        landmarker = face_landmarker_task()  # what ``mediapipe_task`` returns: the test cache's verified copy
+    except ModelUnavailable:
+        yield None
+        return
+    runs = BackgroundRuns(tmp_path_factory.mktemp("workflow_runs"), comfyui, landmarker)
+    yield runs
+    runs.stop()
+
+
 @pytest.fixture(scope="session")
 def real_faces(mediapipe_task):
     """Two frontal t1.jpg faces (256x256 crops) with the landmarks and blendshapes the real MediaPipe model

@@ -4,7 +4,8 @@ The runs go through the README's headless code (workflows/run.py: ComfyUI's own 
 PromptExecutor) on full-size random weights written in the published file formats (workflow_models:
 ComfyUI recognises SD1.5 and SDXL models only by their real shapes), at 64x64 with 2 steps. They run
 one after another in one ComfyUI process of their own (workflow_jobs.py), so their models never sit in
-the test process, and each workflow's peak memory is measured. SDXL's weights are kept in bf16
+the test process, and each workflow's peak memory is measured. The session starts them in the background
+(support.workflow_runs) and the tests here read their results. SDXL's weights are kept in bf16
 (ComfyUI's --bf16-unet --bf16-text-enc; the CPU still computes in fp32). Face detection and
 recognition are stand-ins (ONNX models that "find" the faces of t1.jpg), SMIRK and EmoNet are
 stand-ins of the published layouts, MediaPipe is Google's real model from the test cache.
@@ -19,26 +20,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from support.comfy_browser import sample_photo, write_video
-from support.headless import run_arguments
-from support.onnx_face_models import face_crop, insightface_images
-from support.pack_snapshots import INSTANTID, NODE_TYPES, extract, packs_for
-from support.workflow_models import write_instantid_face_models, write_workflow_models
+from support.pack_snapshots import NODE_TYPES, extract, packs_for
+from support.workflow_runs import (
+    API_WORKFLOWS,
+    DEFAULT_PEAK_GB,
+    INSTANTID_WORKFLOW,
+    PEAK_GB,
+    SIZE,
+    VIDEO_FRAMES,
+    WITH_STRENGTHS,
+    WORKFLOWS,
+    BackgroundRuns,
+    load,
+    variants,
+)
 from workflows import convert
 
 pytestmark = pytest.mark.comfyui
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
-SIZE, STEPS = 64, 2
 
 
 def test_each_example_has_a_ui_form_and_thumbnail_in_the_template_folder_and_nothing_else():
@@ -98,132 +102,12 @@ def test_shipped_ui_form_is_up_to_date_with_its_api_form_and_the_node_definition
         f"regenerate with: python workflows/convert.py {api_path.relative_to(WORKFLOWS.parent)}"
 
 
-JOBS_SCRIPT = Path(__file__).resolve().parent / "workflow_jobs.py"
-# SDXL (2.6B parameters) and emojidiff_compare (two SD1.5 UNets): weights kept in bf16 for half the memory,
-# still computed in fp32 on the CPU (ComfyUI casts layer by layer)
-HALF_WEIGHTS, HALF_FLAGS = ("emojidiff_sdxl", "emojidiff_compare", "emojidiff_sdxl_instantid"), "--bf16-unet --bf16-text-enc"
-# the most a run may hold; SDXL (12.4 GB measured) with ViT-H and a 700M-parameter E-Adapter needs more, and with
-# InstantID's 425M-parameter model too (13.4 to 14.4 GB measured)
-PEAK_GB = {"emojidiff_sdxl": 16.0, "emojidiff_sdxl_instantid": 16.0}
-DEFAULT_PEAK_GB = 8.0  # issue 9's aim
-VIDEO_FRAMES = 4
-PACK_PREFIX = "ExpressionAdapters"
-
-
-def small(prompt: dict) -> list[str]:
-    """--set overrides that make any workflow cheap: 64x64 latents, 2 sampling steps, 4 video frames."""
-    sets = []
-    for node_id, node in prompt.items():
-        kind = node["class_type"]
-        if kind == "EmptyLatentImage":
-            sets += ["--set", f"{node_id}.width={SIZE}", "--set", f"{node_id}.height={SIZE}"]
-            if any(other["class_type"] == "LoadVideo" for other in prompt.values()):
-                sets += ["--set", f"{node_id}.batch_size={VIDEO_FRAMES}"]
-        if kind in ("KSampler", "KSamplerAdvanced", "BasicScheduler"):
-            sets += ["--set", f"{node_id}.steps={STEPS}"]
-        if kind == "ImageFromBatch":
-            sets += ["--set", f"{node_id}.length={VIDEO_FRAMES}"]
-    return sets
-
-
-def switched_off(prompt: dict) -> str:
-    """A --variant with every strength of this pack's nodes at 0 ("" when the workflow has none)."""
-    return " ".join(f"{node_id}.{name}=0" for node_id, node in prompt.items() if node["class_type"].startswith(PACK_PREFIX)
-                    for name, value in node["inputs"].items() if name.endswith("strength") and not isinstance(value, list))
-
-
-# Further reruns of workflows that stack another pack with ours, each with one input at 0: {name: (node type, input)}
-INSTANTID_WORKFLOW = WORKFLOWS / "api" / "emojidiff_sdxl_instantid.json"
-STACK_VARIANTS = {
-    INSTANTID_WORKFLOW.stem: {"expression off": (f"{PACK_PREFIX}ApplyEAdapter", "expression_strength"),
-                              "InstantID off": ("InstantIDAttentionPatch", "weight")},
-}
-
-
-def variants(api_path: Path) -> dict[str, str]:
-    """The workflow's --variant runs by name: "strengths off" (this pack's strengths at 0) and its STACK_VARIANTS."""
-    prompt = load(api_path)
-    found = {"strengths off": switched_off(prompt)}
-    for name, (class_type, input_name) in STACK_VARIANTS.get(api_path.stem, {}).items():
-        found[name] = " ".join(f"{node_id}.{input_name}=0" for node_id, node in prompt.items() if node["class_type"] == class_type)
-        assert found[name], f"{api_path.stem} has no {class_type}"
-    return {name: variant for name, variant in found.items() if variant}
-
-
-def load(api_path: Path) -> dict:
-    return json.loads(api_path.read_text())
-
-
-WITH_STRENGTHS = [path for path in API_WORKFLOWS if switched_off(load(path))]
-
-
-def write_photos(folder: Path, t1) -> dict[str, Path]:
-    """t1.jpg (where the stand-in detectors find faces), a crop of its second face (large enough for MediaPipe),
-    a real portrait for MediaPipe, and a short video of it."""
-    rgb, boxes, _ = t1
-    folder.mkdir(parents=True)
-    Image.fromarray(face_crop(rgb, boxes[1])).save(folder / "expression.png")
-    write_video(folder / "facecrafter_driving.mp4", Image.open(sample_photo()).convert("RGB"))
-    return {"t1": insightface_images() / "t1.jpg", "expression": folder / "expression.png", "portrait": sample_photo(),
-            "video": folder / "facecrafter_driving.mp4"}
-
-
-def photo_for(prompt: dict, node_id: str, photos: dict) -> Path:
-    """MediaPipe needs a face that fills the picture; the stand-in face detectors find t1.jpg's faces."""
-    name = prompt[node_id]["inputs"]["image"]
-    if name == "emojidiff_expression.jpg":
-        return photos["expression"]
-    landmarked = any(node["class_type"] == f"{PACK_PREFIX}FaceLandmarks" and node["inputs"].get("image") == [node_id, 0]
-                     for node in prompt.values())
-    return photos["portrait"] if landmarked and name != "emojidiff_identity.jpg" else photos["t1"]
-
-
-def job(api_path: Path, folder: Path, models: list[Path], photos: dict) -> list[str]:
-    """workflows/run.py's arguments for one workflow: its photos, the small settings, and its variants."""
-    prompt = load(api_path)
-    (folder / "input").mkdir(parents=True)
-    if any(node["class_type"] == "LoadVideo" for node in prompt.values()):
-        shutil.copyfile(photos["video"], folder / "input" / photos["video"].name)
-    images = [argument for node_id, node in prompt.items() if node["class_type"] == "LoadImage"
-              for argument in ("--image", f"{node_id}={photo_for(prompt, node_id, photos)}")]
-    return [str(api_path), *small(prompt), *images, "--seed", "7",
-            *run_arguments(folder, models, list(variants(api_path).values()))]
-
-
-def run_jobs(comfy, folder: Path, jobs: dict, flags: str, custom_nodes=()) -> dict:
-    """The jobs in one ComfyUI process of their own (with the other packs in ``custom_nodes`` loaded); a job it
-    never reported gets that process's error."""
-    jobs_file, results_file = folder / "jobs.json", folder / "results.json"
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs_file.write_text(json.dumps({"comfyui": str(comfy.path), "comfyui_flags": flags,
-                                     "custom_nodes": [str(path) for path in custom_nodes], "jobs": jobs}, indent=1))
-    finished = subprocess.run([sys.executable, str(JOBS_SCRIPT), str(jobs_file), str(results_file)],
-                              capture_output=True, text=True, timeout=1800)
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    crash = f"workflow_jobs.py exited with {finished.returncode} before this job ended:\n{finished.stderr[-6000:]}"
-    return {name: results.get(name, {"runs": [], "error": crash, "peak_anon_gb": None}) for name in jobs}
-
-
 @pytest.fixture(scope="module")
-def headless(comfy, tmp_path_factory, t1, mediapipe_task):
-    """Every API workflow run headless (and again with this pack's strengths at 0): ``{name: result}``, see workflow_jobs."""
-    root = tmp_path_factory.mktemp("workflow_runs")
-    custom_nodes, comfyui_base = root / "custom_nodes", root / "comfyui_base"
-    models = write_workflow_models(root / "models", t1, comfy.path, instantid_pack=extract(INSTANTID, custom_nodes),
-                                  landmarker=mediapipe_task)
-    write_instantid_face_models(comfyui_base, t1)
-    photos = write_photos(root / "photos", t1)
-    groups: dict[tuple, dict] = {}  # (ComfyUI's flags, other packs) -> jobs
-    for api_path in API_WORKFLOWS:
-        flags = HALF_FLAGS if api_path.stem in HALF_WEIGHTS else ""
-        packs = tuple(extract(tarball, custom_nodes) for tarball in packs_for(load(api_path)))
-        if packs:  # InstantID's face analysis reads ComfyUI's own models folder, here comfyui_base/models
-            flags += f" --base-directory {comfyui_base}"
-        groups.setdefault((flags, packs), {})[api_path.stem] = job(api_path, root / api_path.stem, models, photos)
-    results = {}
-    for number, ((flags, packs), jobs) in enumerate(groups.items()):
-        results |= run_jobs(comfy, root / f"group{number}", jobs, flags, packs)
-    return root, results
+def headless(comfy, mediapipe_task, workflow_runs, tmp_path_factory):
+    """Every API workflow run headless (and again with this pack's strengths at 0): ``{name: result}``, see
+    support.workflow_runs; started at the session's start (conftest's ``workflow_runs``), or now."""
+    runs = workflow_runs or BackgroundRuns(tmp_path_factory.mktemp("workflow_runs"), comfy.path, mediapipe_task)
+    return runs.root, runs.results()
 
 
 def images(paths) -> list[np.ndarray]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from support.test_cache import filling
+
 VERSION = "v1"
 UNET_FILE = "diffusion_models/arc2face/diffusion_pytorch_model.safetensors"
 TEXT_ENCODER_FILE = "text_encoders/arc2face/pytorch_model.bin"
@@ -28,15 +30,14 @@ SD15_WIDTHS = {"down_blocks": (320, 640, 1280), "up_blocks": (None, 1280, 640, 3
 
 
 def official_models_dir() -> Path:
-    root = Path(os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE", Path.home() / ".cache" / "expression_adapters_tests"))
-    models = root / f"official-random-{VERSION}"
-    if not (models / ".complete").exists():
-        _write_all(models)
-        (models / ".complete").write_text("ok")
-    if not (models / ID_ENCODER_DIR / ".complete").exists():  # added after v1: caches from before lack it
-        _write_id_encoder_folder(models)
-    if not (models / REFERENCE_LORA_FILE).exists():  # added after v1 too
-        _write_reference_lora(models / REFERENCE_LORA_FILE)
+    with filling(f"official-random-{VERSION}") as models:
+        if not (models / ".complete").exists():
+            _write_all(models)
+            (models / ".complete").write_text("ok")
+        if not (models / ID_ENCODER_DIR / ".complete").exists():  # added after v1: caches from before lack it
+            _write_id_encoder_folder(models)
+        if not (models / REFERENCE_LORA_FILE).exists():  # added after v1 too
+            _write_reference_lora(models / REFERENCE_LORA_FILE)
     return models
 
 

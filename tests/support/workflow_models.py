@@ -31,9 +31,10 @@ import torch
 from support.e_adapter_standins import faceid_state, image_state
 from support.official_files import SD15_WIDTHS, TEXT_ENCODER_FILE, UNET_FILE, VAE_FILE, official_models_dir
 from support.onnx_face_models import export_detector, export_recognizer
+from support.test_cache import cache_root, filling
 from support.training_helpers import write_face_models, write_smirk_checkpoint
 
-CACHE = Path(os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE", Path.home() / ".cache" / "expression_adapters_tests"))
+CACHE = cache_root()
 SD15_CHECKPOINT = "checkpoints/v1-5-pruned-emaonly.safetensors"
 SDXL_CHECKPOINT = "checkpoints/sd_xl_base_1.0.safetensors"
 CLIP_VISION = "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
@@ -148,11 +149,11 @@ def write_clip_vision(path: Path) -> None:
 
 def cached(folder: str, files: dict) -> Path:
     """``CACHE/folder`` with each ``{name: writer}`` file written once (a ``.complete`` marker says all are)."""
-    root = CACHE / folder
-    if not (root / ".complete").exists():
-        for name, write in files.items():
-            write(root / name)
-        (root / ".complete").write_text("ok")
+    with filling(folder) as root:
+        if not (root / ".complete").exists():
+            for name, write in files.items():
+                write(root / name)
+            (root / ".complete").write_text("ok")
     return root
 
 

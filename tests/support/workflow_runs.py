@@ -1,0 +1,230 @@
+"""The shipped workflows' headless runs (tests/test_workflows.py checks them), and how they start early.
+
+Every API workflow runs through the README's headless code (workflows/run.py: ComfyUI's own loaders and
+PromptExecutor) on full-size random weights in the published formats (workflow_models), at 64x64 with 2 steps,
+and again with this pack's strengths at 0 (``variants``). Workflows that share ComfyUI's flags and other packs
+run one after another in one ComfyUI process of their own (workflow_jobs.py), so their models never sit in
+the test process and each run's peak memory is its own.
+
+Writing the models and running the SD1.5 group is one process, ``python -m support.workflow_runs``. The session
+starts it in the background as soon as tests that need it are selected (``BackgroundRuns``, from
+tests/conftest.py), at a lower CPU priority: these runs need less than one of the two cores on average (they
+read GBs of weights and wait for the disk), so they run while the in-process tests do. The SDXL groups (12 to
+14 GB each) run when test_workflows.py asks for the results, after the other tests, so that the memory of the
+test process and of a run never add up to more than the machine has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from support.comfy_browser import sample_photo, write_video
+from support.headless import run_arguments
+from support.onnx_face_models import face_crop, insightface_images, load_t1
+from support.pack_snapshots import INSTANTID, extract, packs_for
+from support.workflow_models import write_instantid_face_models, write_workflow_models
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
+SIZE, STEPS = 64, 2
+
+
+JOBS_SCRIPT = Path(__file__).resolve().parents[1] / "workflow_jobs.py"
+# SDXL (2.6B parameters) and emojidiff_compare (two SD1.5 UNets): weights kept in bf16 for half the memory,
+# still computed in fp32 on the CPU (ComfyUI casts layer by layer)
+HALF_WEIGHTS, HALF_FLAGS = ("emojidiff_sdxl", "emojidiff_compare", "emojidiff_sdxl_instantid"), "--bf16-unet --bf16-text-enc"
+VIDEO_FRAMES = 4
+PACK_PREFIX = "ExpressionAdapters"
+
+
+def small(prompt: dict) -> list[str]:
+    """--set overrides that make any workflow cheap: 64x64 latents, 2 sampling steps, 4 video frames."""
+    sets = []
+    for node_id, node in prompt.items():
+        kind = node["class_type"]
+        if kind == "EmptyLatentImage":
+            sets += ["--set", f"{node_id}.width={SIZE}", "--set", f"{node_id}.height={SIZE}"]
+            if any(other["class_type"] == "LoadVideo" for other in prompt.values()):
+                sets += ["--set", f"{node_id}.batch_size={VIDEO_FRAMES}"]
+        if kind in ("KSampler", "KSamplerAdvanced", "BasicScheduler"):
+            sets += ["--set", f"{node_id}.steps={STEPS}"]
+        if kind == "ImageFromBatch":
+            sets += ["--set", f"{node_id}.length={VIDEO_FRAMES}"]
+    return sets
+
+
+def switched_off(prompt: dict) -> str:
+    """A --variant with every strength of this pack's nodes at 0 ("" when the workflow has none)."""
+    return " ".join(f"{node_id}.{name}=0" for node_id, node in prompt.items() if node["class_type"].startswith(PACK_PREFIX)
+                    for name, value in node["inputs"].items() if name.endswith("strength") and not isinstance(value, list))
+
+
+# Further reruns of workflows that stack another pack with ours, each with one input at 0: {name: (node type, input)}
+INSTANTID_WORKFLOW = WORKFLOWS / "api" / "emojidiff_sdxl_instantid.json"
+STACK_VARIANTS = {
+    INSTANTID_WORKFLOW.stem: {"expression off": (f"{PACK_PREFIX}ApplyEAdapter", "expression_strength"),
+                              "InstantID off": ("InstantIDAttentionPatch", "weight")},
+}
+
+
+def variants(api_path: Path) -> dict[str, str]:
+    """The workflow's --variant runs by name: "strengths off" (this pack's strengths at 0) and its STACK_VARIANTS."""
+    prompt = load(api_path)
+    found = {"strengths off": switched_off(prompt)}
+    for name, (class_type, input_name) in STACK_VARIANTS.get(api_path.stem, {}).items():
+        found[name] = " ".join(f"{node_id}.{input_name}=0" for node_id, node in prompt.items() if node["class_type"] == class_type)
+        assert found[name], f"{api_path.stem} has no {class_type}"
+    return {name: variant for name, variant in found.items() if variant}
+
+
+def load(api_path: Path) -> dict:
+    return json.loads(api_path.read_text())
+
+
+WITH_STRENGTHS = [path for path in API_WORKFLOWS if switched_off(load(path))]
+
+
+def write_photos(folder: Path, t1) -> dict[str, Path]:
+    """t1.jpg (where the stand-in detectors find faces), a crop of its second face (large enough for MediaPipe),
+    a real portrait for MediaPipe, and a short video of it."""
+    rgb, boxes, _ = t1
+    folder.mkdir(parents=True)
+    Image.fromarray(face_crop(rgb, boxes[1])).save(folder / "expression.png")
+    write_video(folder / "facecrafter_driving.mp4", Image.open(sample_photo()).convert("RGB"))
+    return {"t1": insightface_images() / "t1.jpg", "expression": folder / "expression.png", "portrait": sample_photo(),
+            "video": folder / "facecrafter_driving.mp4"}
+
+
+def photo_for(prompt: dict, node_id: str, photos: dict) -> Path:
+    """MediaPipe needs a face that fills the picture; the stand-in face detectors find t1.jpg's faces."""
+    name = prompt[node_id]["inputs"]["image"]
+    if name == "emojidiff_expression.jpg":
+        return photos["expression"]
+    landmarked = any(node["class_type"] == f"{PACK_PREFIX}FaceLandmarks" and node["inputs"].get("image") == [node_id, 0]
+                     for node in prompt.values())
+    return photos["portrait"] if landmarked and name != "emojidiff_identity.jpg" else photos["t1"]
+
+
+def job(api_path: Path, folder: Path, models: list[Path], photos: dict) -> list[str]:
+    """workflows/run.py's arguments for one workflow: its photos, the small settings, and its variants."""
+    prompt = load(api_path)
+    (folder / "input").mkdir(parents=True)
+    if any(node["class_type"] == "LoadVideo" for node in prompt.values()):
+        shutil.copyfile(photos["video"], folder / "input" / photos["video"].name)
+    images = [argument for node_id, node in prompt.items() if node["class_type"] == "LoadImage"
+              for argument in ("--image", f"{node_id}={photo_for(prompt, node_id, photos)}")]
+    return [str(api_path), *small(prompt), *images, "--seed", "7",
+            *run_arguments(folder, models, list(variants(api_path).values()))]
+
+
+def run_jobs(comfyui: Path, folder: Path, jobs: dict, flags: str, custom_nodes=()) -> dict:
+    """The jobs in one ComfyUI process of their own (with the other packs in ``custom_nodes`` loaded); a job it
+    never reported gets that process's error."""
+    jobs_file, results_file = folder / "jobs.json", folder / "results.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs_file.write_text(json.dumps({"comfyui": str(comfyui), "comfyui_flags": flags,
+                                     "custom_nodes": [str(path) for path in custom_nodes], "jobs": jobs}, indent=1))
+    finished = subprocess.run([sys.executable, str(JOBS_SCRIPT), str(jobs_file), str(results_file)],
+                              capture_output=True, text=True, timeout=1800)
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    crash = f"workflow_jobs.py exited with {finished.returncode} before this job ended:\n{finished.stderr[-6000:]}"
+    return {name: results.get(name, {"runs": [], "error": crash, "peak_anon_gb": None}) for name in jobs}
+
+
+
+# the most a run may hold; SDXL (12.4 GB measured) with ViT-H and a 700M-parameter E-Adapter needs more, and with
+# InstantID's 425M-parameter model too (13.4 to 14.4 GB measured)
+PEAK_GB = {"emojidiff_sdxl": 16.0, "emojidiff_sdxl_instantid": 16.0}
+DEFAULT_PEAK_GB = 8.0  # issue 9's aim
+PLAN = "plan.json"
+
+
+def prepare(root: Path, comfyui: Path, landmarker: Path) -> list[dict]:
+    """The models, photos and folders of every API workflow's run; the groups of jobs that share ComfyUI's flags
+    and other packs, each ``{"flags", "packs", "jobs": {name: run.py arguments}}`` (also saved as ``root/plan.json``).
+    ``landmarker``: MediaPipe's real face_landmarker.task (the ``mediapipe_task`` fixture's)."""
+    t1 = load_t1()
+    if t1 is None:
+        raise FileNotFoundError("the shared test data t1_faces.npz is missing (support.onnx_face_models.TESTDATA)")
+    custom_nodes, comfyui_base = root / "custom_nodes", root / "comfyui_base"
+    models = write_workflow_models(root / "models", t1, comfyui, instantid_pack=extract(INSTANTID, custom_nodes),
+                                   landmarker=landmarker)
+    write_instantid_face_models(comfyui_base, t1)
+    photos = write_photos(root / "photos", t1)
+    groups: dict[tuple, dict] = {}  # (ComfyUI's flags, other packs) -> jobs
+    for api_path in API_WORKFLOWS:
+        flags = HALF_FLAGS if api_path.stem in HALF_WEIGHTS else ""
+        packs = tuple(str(extract(tarball, custom_nodes)) for tarball in packs_for(load(api_path)))
+        if packs:  # InstantID's face analysis reads ComfyUI's own models folder, here comfyui_base/models
+            flags += f" --base-directory {comfyui_base}"
+        groups.setdefault((flags, packs), {})[api_path.stem] = job(api_path, root / api_path.stem, models, photos)
+    plan = [{"flags": flags, "packs": list(packs), "jobs": jobs} for (flags, packs), jobs in groups.items()]
+    (root / PLAN).write_text(json.dumps(plan, indent=1))
+    return plan
+
+
+def light(group: dict) -> bool:
+    """Whether the group's runs may hold at most DEFAULT_PEAK_GB each (SD1.5; SDXL's may hold twice as much)."""
+    return all(PEAK_GB.get(name, DEFAULT_PEAK_GB) <= DEFAULT_PEAK_GB for name in group["jobs"])
+
+
+def run_groups(root: Path, comfyui: Path, plan: list[dict], which) -> dict:
+    """``{name: result}`` of the plan's groups for which ``which(group)`` holds, each in a ComfyUI process of its
+    own (folders ``root/group<N>``, N the group's place in the plan)."""
+    results = {}
+    for number, group in enumerate(plan):
+        if which(group):
+            results |= run_jobs(comfyui, root / f"group{number}", group["jobs"], group["flags"], group["packs"])
+    return results
+
+
+RESULTS = "results.json"
+
+
+class BackgroundRuns:
+    """The runs' preparation and the light groups (``light``) in a process of its own, started now, at a lower
+    CPU priority; :meth:`results` waits for it, then runs the heavy groups here.
+
+    Beside the test process (at most about 7.6 GB, measured) the background holds at most DEFAULT_PEAK_GB, so the
+    two stay well inside a 24 GB machine; SDXL's groups (up to 14.4 GB) wait until the other tests are done.
+    """
+
+    def __init__(self, root: Path, comfyui: Path, landmarker: Path):
+        self.root, self.comfyui = root, comfyui
+        self.log = root / "workflow_runs.log"
+        here = Path(__file__).resolve().parents[1]  # tests/, where ``support`` is
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(map(str, (here, here.parent)))}
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "support.workflow_runs", str(root), str(comfyui), str(landmarker)],
+                cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
+
+    def results(self, timeout: float = 3600) -> dict:
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"the workflow runs took over {timeout} s:\n{self.log.read_text()[-6000:]}") from None
+        if code != 0 or not (self.root / RESULTS).is_file():
+            raise AssertionError(f"support.workflow_runs exited with {code}:\n{self.log.read_text()[-6000:]}")
+        plan = json.loads((self.root / PLAN).read_text())
+        heavy = run_groups(self.root, self.comfyui, plan, lambda group: not light(group))
+        return json.loads((self.root / RESULTS).read_text()) | heavy
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+if __name__ == "__main__":
+    out, comfyui_path, landmarker_path = map(Path, sys.argv[1:4])
+    light_results = run_groups(out, comfyui_path, prepare(out, comfyui_path, landmarker_path), light)
+    (out / RESULTS).write_text(json.dumps(light_results, indent=1))
