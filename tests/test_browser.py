@@ -249,7 +249,7 @@ def test_templates_browser_lists_each_example_once_with_a_thumbnail_and_opens_it
         card.click()
         page.wait_for_function("n => window.app.graph.nodes.length === n",
                                arg=len(json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]), timeout=30_000)
-        page.wait_for_timeout(500)
+        frontend.settle()
         assert frontend.error_toasts() == [] and frontend.console_errors == []
         assert_gives_api_form(frontend, name)
         frontend.close_dialogs()

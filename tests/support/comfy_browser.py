@@ -274,7 +274,7 @@ class Frontend:
 
     def close_dialogs(self) -> None:
         self.page.keyboard.press("Escape")
-        self.page.wait_for_timeout(300)
+        self.page.locator(".p-dialog").first.wait_for(state="hidden", timeout=5_000)
 
     def fit_view(self) -> dict:
         """Frames the whole graph, as a person would before looking at it; returns its rectangle on the page."""
