@@ -117,6 +117,19 @@ def workflow_runs(request, tmp_path_factory):
     runs.stop()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _large_memory_takes_turns(request):
+    """A module marked ``large_memory`` (full-size models in this process or in one it starts) runs while no SDXL
+    workflow run holds its 12 to 14 GB in the background (support.test_cache.taking_turns)."""
+    if request.node.get_closest_marker("large_memory") is None:
+        yield
+        return
+    from support.test_cache import LARGE_MEMORY, taking_turns
+
+    with taking_turns(LARGE_MEMORY):
+        yield
+
+
 @pytest.fixture(scope="session")
 def real_faces(mediapipe_task):
     """Two frontal t1.jpg faces (256x256 crops) with the landmarks and blendshapes the real MediaPipe model

@@ -25,7 +25,7 @@ from support.headless import run_workflow
 from support.official_files import official_models_dir
 from workflows import run
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.large_memory]
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 
 

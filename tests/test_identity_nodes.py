@@ -28,7 +28,8 @@ from support.onnx_face_models import (
     export_recognizer,
 )
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")]
+pytestmark = [pytest.mark.comfyui, pytest.mark.large_memory,
+              pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")]
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 UNET_NAME = UNET_FILE.removeprefix("diffusion_models/")  # the name in the UNETLoader list

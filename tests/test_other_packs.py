@@ -41,7 +41,7 @@ from support.tiny_facecrafter import landmark_images, random_facecrafter
 from support.tiny_unets import random_expression_adapter, random_reference_lora_state, tiny_width
 from support.two_hosts import Hosts as TwoHosts
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.comfyui, pytest.mark.large_memory, pytest.mark.usefixtures("one_thread")]
 COND, UNCOND = 0, 1
 ROW_ORDERS = ([UNCOND, COND], [COND, UNCOND])
 SDXL_TOKENS = 2048  # IPAdapter_plus tells SDXL from the adapter's token width; InstantID and PuLID use it too

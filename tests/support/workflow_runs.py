@@ -6,12 +6,13 @@ and again with this pack's strengths at 0 (``variants``). Workflows that share C
 run one after another in one ComfyUI process of their own (workflow_jobs.py), so their models never sit in
 the test process and each run's peak memory is its own.
 
-Writing the models and running the SD1.5 group is one process, ``python -m support.workflow_runs``. The session
+Writing the models and running every group is one process, ``python -m support.workflow_runs``. The session
 starts it in the background as soon as tests that need it are selected (``BackgroundRuns``, from
 tests/conftest.py), at a lower CPU priority: these runs need less than one of the two cores on average (they
-read GBs of weights and wait for the disk), so they run while the in-process tests do. The SDXL groups (12 to
-14 GB each) run when test_workflows.py asks for the results, after the other tests, so that the memory of the
-test process and of a run never add up to more than the machine has.
+read GBs of weights and wait for the disk), so they run while the in-process tests do, and test_workflows.py
+reads their results. The SD1.5 group goes first; each SDXL group (12 to 14 GB) waits its turn
+(``test_cache.taking_turns(LARGE_MEMORY)``) with the test modules marked ``large_memory``, so that the memory of
+the test process and of a run never add up to more than the machine has.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from PIL import Image
@@ -29,6 +31,7 @@ from support.comfy_browser import sample_photo, write_video
 from support.headless import run_arguments
 from support.onnx_face_models import face_crop, insightface_images, load_t1
 from support.pack_snapshots import INSTANTID, extract, packs_for
+from support.test_cache import LARGE_MEMORY, taking_turns
 from support.workflow_models import write_instantid_face_models, write_workflow_models
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
@@ -143,12 +146,11 @@ def run_jobs(comfyui: Path, folder: Path, jobs: dict, flags: str, custom_nodes=(
 # InstantID's 425M-parameter model too (13.4 to 14.4 GB measured)
 PEAK_GB = {"emojidiff_sdxl": 16.0, "emojidiff_sdxl_instantid": 16.0}
 DEFAULT_PEAK_GB = 8.0  # issue 9's aim
-PLAN = "plan.json"
 
 
 def prepare(root: Path, comfyui: Path, landmarker: Path) -> list[dict]:
     """The models, photos and folders of every API workflow's run; the groups of jobs that share ComfyUI's flags
-    and other packs, each ``{"flags", "packs", "jobs": {name: run.py arguments}}`` (also saved as ``root/plan.json``).
+    and other packs, each ``{"flags", "packs", "jobs": {name: run.py arguments}}``.
     ``landmarker``: MediaPipe's real face_landmarker.task (the ``mediapipe_task`` fixture's)."""
     t1 = load_t1()
     if t1 is None:
@@ -165,9 +167,7 @@ def prepare(root: Path, comfyui: Path, landmarker: Path) -> list[dict]:
         if packs:  # InstantID's face analysis reads ComfyUI's own models folder, here comfyui_base/models
             flags += f" --base-directory {comfyui_base}"
         groups.setdefault((flags, packs), {})[api_path.stem] = job(api_path, root / api_path.stem, models, photos)
-    plan = [{"flags": flags, "packs": list(packs), "jobs": jobs} for (flags, packs), jobs in groups.items()]
-    (root / PLAN).write_text(json.dumps(plan, indent=1))
-    return plan
+    return [{"flags": flags, "packs": list(packs), "jobs": jobs} for (flags, packs), jobs in groups.items()]
 
 
 def light(group: dict) -> bool:
@@ -175,12 +175,12 @@ def light(group: dict) -> bool:
     return all(PEAK_GB.get(name, DEFAULT_PEAK_GB) <= DEFAULT_PEAK_GB for name in group["jobs"])
 
 
-def run_groups(root: Path, comfyui: Path, plan: list[dict], which) -> dict:
-    """``{name: result}`` of the plan's groups for which ``which(group)`` holds, each in a ComfyUI process of its
-    own (folders ``root/group<N>``, N the group's place in the plan)."""
+def run_groups(root: Path, comfyui: Path, plan: list[dict]) -> dict:
+    """``{name: result}`` of the plan's groups, each in a ComfyUI process of its own (folders ``root/group<N>``, N the
+    group's place in the plan): the light ones first, then each of the others in its turn (``LARGE_MEMORY``)."""
     results = {}
-    for number, group in enumerate(plan):
-        if which(group):
+    for number, group in sorted(enumerate(plan), key=lambda numbered: not light(numbered[1])):
+        with nullcontext() if light(group) else taking_turns(LARGE_MEMORY):
             results |= run_jobs(comfyui, root / f"group{number}", group["jobs"], group["flags"], group["packs"])
     return results
 
@@ -189,15 +189,11 @@ RESULTS = "results.json"
 
 
 class BackgroundRuns:
-    """The runs' preparation and the light groups (``light``) in a process of its own, started now, at a lower
-    CPU priority; :meth:`results` waits for it, then runs the heavy groups here.
-
-    Beside the test process (at most about 7.6 GB, measured) the background holds at most DEFAULT_PEAK_GB, so the
-    two stay well inside a 24 GB machine; SDXL's groups (up to 14.4 GB) wait until the other tests are done.
-    """
+    """``prepare`` and ``run_groups`` in a process of its own, started now, at a lower CPU priority;
+    :meth:`results` waits for it."""
 
     def __init__(self, root: Path, comfyui: Path, landmarker: Path):
-        self.root, self.comfyui = root, comfyui
+        self.root = root
         self.log = root / "workflow_runs.log"
         here = Path(__file__).resolve().parents[1]  # tests/, where ``support`` is
         env = os.environ | {"PYTHONPATH": os.pathsep.join(map(str, (here, here.parent)))}
@@ -214,9 +210,7 @@ class BackgroundRuns:
             raise AssertionError(f"the workflow runs took over {timeout} s:\n{self.log.read_text()[-6000:]}") from None
         if code != 0 or not (self.root / RESULTS).is_file():
             raise AssertionError(f"support.workflow_runs exited with {code}:\n{self.log.read_text()[-6000:]}")
-        plan = json.loads((self.root / PLAN).read_text())
-        heavy = run_groups(self.root, self.comfyui, plan, lambda group: not light(group))
-        return json.loads((self.root / RESULTS).read_text()) | heavy
+        return json.loads((self.root / RESULTS).read_text())
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -226,5 +220,5 @@ class BackgroundRuns:
 
 if __name__ == "__main__":
     out, comfyui_path, landmarker_path = map(Path, sys.argv[1:4])
-    light_results = run_groups(out, comfyui_path, prepare(out, comfyui_path, landmarker_path), light)
-    (out / RESULTS).write_text(json.dumps(light_results, indent=1))
+    results = run_groups(out, comfyui_path, prepare(out, comfyui_path, landmarker_path))
+    (out / RESULTS).write_text(json.dumps(results, indent=1))
