@@ -7,6 +7,7 @@ same nested form here.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -152,10 +153,33 @@ def describe_key_mismatch(expected: Iterable[str], found: Iterable[str], limit: 
     return "; ".join(parts)
 
 
+def without_init() -> torch.device:
+    """Where a loader builds a module whose every weight comes from a file: ``with without_init(): module = ...``
+    puts it on the meta device, so no random initialisation runs (and nothing is allocated) before
+    :func:`assign_weights` gives it the file's tensors."""
+    return torch.device("meta")
+
+
+def assign_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """Give ``module``, built under :func:`without_init`, the tensors of ``state_dict`` (its exact keys: strict).
+
+    Each tensor ends on the default device in the dtype the module was built with, as ``load_state_dict`` into
+    an initialised module would copy it (float32 parameters from a float16 file); one already so is taken as it
+    is, not copied. Raises if any tensor is elsewhere: one the file did not fill is still on the meta device."""
+    expected = module.state_dict()
+    device = torch.empty(0).device  # the default device (torch.get_default_device() exists from torch 2.3 only)
+    module.load_state_dict({key: value.detach().to(device=device, dtype=expected.get(key, value).dtype).contiguous()
+                            for key, value in state_dict.items()}, strict=True, assign=True)
+    left = [name for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()) if tensor.device != device]
+    if left:
+        raise RuntimeError(f"{type(module).__name__}: {', '.join(left[:8])} not loaded (still on the meta device)")
+    return module
+
+
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path, kind: str, base_model: str) -> None:
-    """``load_state_dict(strict=True)`` with an error naming the file, the adapter and the mismatch."""
+    """:func:`assign_weights` with an error naming the file, the adapter and the mismatch (keys or shapes)."""
     check_fits(module, state_dict, path, kind, base_model)
-    module.load_state_dict(state_dict, strict=True)
+    assign_weights(module, state_dict)
 
 
 def check_fits(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path, kind: str, base_model: str) -> None:

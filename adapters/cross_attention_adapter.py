@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from .attention import KeyValueBranch
-from .checkpoints import AdapterFileError, load_strict, read_state_dict, split_prefix, write_safetensors
+from .checkpoints import (
+    AdapterFileError,
+    load_strict,
+    read_state_dict,
+    split_prefix,
+    without_init,
+    write_safetensors,
+)
 from .layers import LAYOUTS, SD15, SDXL, AttentionLayer, UNetLayout, cross_attention_layers
 from .projections import projection_from_state_dict
 
@@ -57,13 +64,15 @@ class CrossAttentionAdapter(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], path="<state dict>", layout: UNetLayout | None = None):
+        """Built without random init, holding ``state_dict``'s tensors as float32 (those already so not copied)."""
         image_proj = split_prefix(state_dict, "image_proj")
         ip_adapter = split_prefix(state_dict, "ip_adapter")
         if not image_proj or not ip_adapter:
             found = sorted({key.split(".")[0] for key in state_dict})
             raise AdapterFileError(path, cls.kind, cls.base_model, f"expected 'image_proj' and 'ip_adapter' sections, found {found}")
         try:
-            projection = projection_from_state_dict(image_proj)
+            with without_init():  # every weight comes from the file
+                projection = projection_from_state_dict(image_proj)
         except KeyError as error:
             raise AdapterFileError(path, cls.kind, cls.base_model, f"unrecognised image_proj: {error.args[0]}") from None
         widths = {}
@@ -75,7 +84,8 @@ class CrossAttentionAdapter(nn.Module):
         known = {layer.checkpoint_number for layer in cross_attention_layers(layout)}
         if not widths or not set(widths) <= known:
             raise AdapterFileError(path, cls.kind, cls.base_model, f"layer numbers {sorted(widths)[:8]}... are not {layout.name} cross-attention layers")
-        adapter = cls(projection, layout, widths)
+        with without_init():
+            adapter = cls(projection, layout, widths)
         adapter._check(path)
         load_strict(adapter, {f"image_proj.{k}": v for k, v in image_proj.items()} | {f"ip_adapter.{k}": v for k, v in ip_adapter.items()},
                     path, cls.kind, cls.base_model)

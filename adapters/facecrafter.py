@@ -38,11 +38,11 @@ from torch import nn
 from .attention import KeyValueBranch
 from .checkpoints import (
     AdapterFileError,
-    check_fits,
     load_strict,
     read_checkpoint,
     read_safetensors_metadata,
     split_prefix,
+    without_init,
     write_safetensors,
 )
 from .layers import SD15, AttentionLayer, UNetLayout, select_layers
@@ -278,13 +278,10 @@ class FaceCrafter(nn.Module):
                 raise AdapterFileError(path, KIND, BASE_MODEL,
                                        f"its K/V layers do not fit the layer set {layer_set!r}: {error}") from None
 
-        # the metadata sizes the modules: check them against the tensors on the meta device first, so that made-up
-        # metadata is refused before anything is allocated
-        with torch.device("meta"):
-            shapes_only = build()
-        for name, module in shapes_only.modules_present().items():
-            check_fits(module, sections[name], path, f"{KIND} ({name} section)", BASE_MODEL)
-        crafter = build()
+        # the metadata sizes the modules: built without weights, they are checked against the tensors before
+        # anything is allocated, so made-up metadata is refused; then they take the file's tensors
+        with without_init():
+            crafter = build()
         for name, module in crafter.modules_present().items():
             load_strict(module, sections[name], path, f"{KIND} ({name} section)", BASE_MODEL)
         return crafter.eval()

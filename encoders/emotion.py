@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .expressions import EMOTION_CLASSES, Emotion, Landmarks
 from .face_crops import landmark_square_crop, to_image_batch
-from .weight_files import read_checkpoint
+from .weight_files import assign_weights, read_checkpoint, without_init
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +208,12 @@ def load_emonet(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     n_expression = head.shape[0] - 2
     width = state["conv1x1_input_emo_2.weight"].shape[0] if "conv1x1_input_emo_2.weight" in state else 256
     stem = state["conv1.weight"].shape[0] if "conv1.weight" in state else 64
-    model = EmoNet(n_expression=n_expression, stem=stem, width=width, fc_hidden=head.shape[1])
+    with without_init():  # every weight comes from the file
+        model = EmoNet(n_expression=n_expression, stem=stem, width=width, fc_hidden=head.shape[1])
     expected = model.state_dict()
     for key, value in expected.items():
         if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = value
+            state[key] = torch.zeros_like(value, device="cpu")  # a fresh BatchNorm's count: 0
     missing = sorted(set(expected) - set(state))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or wrong:
@@ -223,7 +224,7 @@ def load_emonet(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         logger.warning("EmoNet %s: ignoring %d keys the network does not have: %s", path, len(unexpected), unexpected[:8])
-    model.load_state_dict({k: state[k] for k in expected}, strict=True)
+    assign_weights(model, {k: state[k] for k in expected})
     return model.eval().to(device)
 
 

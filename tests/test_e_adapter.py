@@ -11,6 +11,8 @@ from adapters.checkpoints import AdapterFileError, flatten, read_state_dict
 from adapters.e_adapter import EAdapter, ExpressionBranch, IdentityBranch
 from adapters.layers import SD15, SDXL, attention_layers, cross_attention_layers
 from support.e_adapter_standins import faceid_state, image_state, write_published
+from support.random_init import init_devices
+from training.tiny import save_published
 
 SD15_EXPRESSION = list(range(1, 32, 2))
 SDXL_EXPRESSION = list(range(69, 88, 2))  # up_blocks.0.attentions.1 (spec A1: checkpoint numbers 69-87)
@@ -97,6 +99,42 @@ def test_our_file_round_trips_with_prefixes_and_metadata(tmp_path, family):
     if family == "SDXL":
         with pytest.raises(ValueError, match="expression layers 'all'.*holds the set 'emojidiff_expression_sdxl'"):
             loaded.expression_branch("all")
+
+
+def test_loaded_branches_are_the_files_tensors_in_float32(tmp_path, monkeypatch):
+    """The published files are float16: the branches hold their tensors as float32 on the CPU (as loading into a
+    float32 module always gave), none left on the meta device, the LoRA as saved; our float32 file reloads as
+    saved. No random init is computed on the way."""
+    faceid = {part: {k: v.half() for k, v in tensors.items()} for part, tensors in faceid_state("SDXL").items()}
+    image = {part: {k: v.half() for k, v in tensors.items()} for part, tensors in image_state("SDXL").items()}
+    initialised = init_devices(monkeypatch)
+    adapter = EAdapter.from_published(*save_published(tmp_path, SDXL, faceid, image))
+    assert initialised and set(initialised) == {"meta"}
+
+    def assert_holds(branch, file_state):
+        expected = {f"{part}.{k}": v for part, tensors in file_state.items() for k, v in tensors.items() if "lora" not in k}
+        parameters = dict(branch.named_parameters())
+        assert set(parameters) == set(expected) and not list(branch.buffers())
+        for name, parameter in parameters.items():
+            assert parameter.device == torch.device("cpu") and parameter.dtype == torch.float32, name
+            assert torch.equal(parameter.detach(), expected[name].float()), name
+
+    assert_holds(adapter.identity, faceid)
+    assert_holds(adapter.expression, image)
+    down = faceid["ip_adapter"]["1.to_k_lora.down.weight"]
+    lora = adapter.lora[f"{attention_layers(SDXL)[1].diffusers_name}.to_k"]
+    assert lora.down.dtype == torch.float16 and torch.equal(lora.down, down)
+
+    path = tmp_path / "e_adapter.safetensors"
+    adapter.save(path)
+    saved = read_state_dict(path)
+    loaded = EAdapter.from_file(path)
+    loaded_state = {f"id.{k}": v for k, v in loaded.identity.named_parameters()}
+    loaded_state |= {f"exp.{k}": v for k, v in loaded.expression.named_parameters()}
+    assert set(loaded_state) == set(saved)
+    for name, parameter in loaded_state.items():
+        assert not parameter.is_meta and parameter.dtype == torch.float32 == saved[name].dtype, name
+        assert torch.equal(parameter.detach(), saved[name]), name
 
 
 def test_other_expression_layer_sets_are_selectable_from_the_published_file(tmp_path):

@@ -71,6 +71,10 @@ def test_load_strips_module_prefix(tmp_path):
     path = tmp_path / "emonet_8.pth"
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
     loaded = load_emonet(path)
+    saved = torch.load(path, weights_only=True)
+    for key, tensor in loaded.state_dict().items():  # BatchNorm statistics too; nothing left on the meta device
+        assert tensor.device == torch.device("cpu") and tensor.dtype == saved["module." + key].dtype, key
+        assert torch.equal(tensor, saved["module." + key]), key
     x = torch.rand(1, 3, 256, 256)
     with torch.no_grad():
         a, b = model(x), loaded(x)
@@ -106,8 +110,11 @@ def test_load_errors_and_extra_keys(tmp_path, caplog):
     extra = {k: v for k, v in extra.items() if not k.endswith("num_batches_tracked")}
     torch.save(extra, tmp_path / "extra.pth")
     with caplog.at_level(logging.WARNING):
-        load_emonet(tmp_path / "extra.pth")
+        loaded = load_emonet(tmp_path / "extra.pth")
     assert "temporal_weights" in caplog.text
+    for key, tensor in loaded.state_dict().items():  # absent BatchNorm counters start at 0
+        expected = extra.get(key, torch.tensor(0))
+        assert not tensor.is_meta and tensor.dtype == expected.dtype and torch.equal(tensor, expected), key
 
 
 def test_predict_with_landmark_crop():

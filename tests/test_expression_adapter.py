@@ -7,6 +7,8 @@ from torch import nn
 from adapters.checkpoints import AdapterFileError, WeightFileError, read_state_dict
 from adapters.expression_adapter import ExpressionAdapter
 from adapters.layers import SD15, SDXL, cross_attention_layers
+from adapters.projections import MLPProjection
+from support.random_init import init_devices
 from support.tiny_unets import random_expression_adapter, tiny_width
 
 TOKEN_DIM = 32
@@ -67,6 +69,35 @@ def test_published_layout_loads_and_computes_the_same(tmp_path, mlp):
             assert torch.equal(reloaded.state_dict()[name], tensor)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_loaded_weights_are_the_files_without_random_init(tmp_path, monkeypatch, dtype):
+    """As published (float16) or as we save (float32): the parameters are the file's tensors, as float32 on the CPU
+    (what loading into a float32 module always gave), none left on the meta device; no random init is computed."""
+    image_proj, layers = official_modules(mlp=True)
+    file_state = {f"image_proj.{k}": v.to(dtype) for k, v in image_proj.state_dict().items()}
+    file_state |= {f"ip_adapter.{name}.weight": linear.weight.detach().to(dtype) for name, linear in layers.items()}
+    path = tmp_path / "exp_adapter.bin"
+    torch.save(file_state, path)
+    seen = init_devices(monkeypatch)
+    adapter = ExpressionAdapter.from_file(path)
+    assert seen and set(seen) == {"meta"}  # built as shapes only
+    parameters = dict(adapter.named_parameters())
+    assert set(parameters) == set(file_state) and not list(adapter.buffers())
+    for name, parameter in parameters.items():
+        assert parameter.device == torch.device("cpu") and parameter.dtype == torch.float32 and parameter.requires_grad, name
+        assert torch.equal(parameter.detach(), file_state[name].float()), name
+
+
+def test_adapters_built_for_training_still_get_random_init():
+    """Only the loaders skip initialisation: a module built directly (training's fresh adapters) is random, on the CPU."""
+    widths = {layer.checkpoint_number: tiny_width(SD15, layer) for layer in cross_attention_layers(SD15)}
+    first, second = (ExpressionAdapter(MLPProjection(55, TOKEN_DIM, 4), SD15, widths) for _ in range(2))
+    for (name, a), b in zip(first.named_parameters(), second.parameters(), strict=True):
+        assert a.device == torch.device("cpu") and a.dtype == torch.float32, name
+        if name.endswith("weight") and "norm" not in name:
+            assert a.std() > 0 and not torch.equal(a, b), name
+
+
 def test_real_sd15_sizes_are_recognised(tmp_path):
     """768-d tokens and widths 320/640/1280, as in the published file."""
     real_width = {0: 320, 1: 640, 2: 1280}
@@ -102,7 +133,7 @@ def test_bad_expressions_are_refused():
         adapter.expression_tokens(bad)
 
 
-def test_missing_keys_are_named_with_the_file_and_adapter(tmp_path):
+def test_missing_misshapen_or_unexpected_keys_are_named_with_the_file_and_adapter(tmp_path):
     image_proj, layers = official_modules(mlp=False)
     del layers["17.to_v_ip"]
     path = tmp_path / "exp_adapter.bin"
@@ -112,6 +143,20 @@ def test_missing_keys_are_named_with_the_file_and_adapter(tmp_path):
     message = str(error.value)
     assert "exp_adapter.bin" in message and "Arc2Face Expression Adapter" in message and "Arc2Face (SD1.5)" in message
     assert "missing keys: ip_adapter.17.to_v_ip.weight" in message
+
+    image_proj, layers = official_modules(mlp=False)
+    layers["17.to_v_ip"] = nn.Linear(TOKEN_DIM, 3, bias=False)
+    write_exp_adapter_bin(path, image_proj, layers)
+    width = tiny_width(SD15, next(layer for layer in cross_attention_layers(SD15) if layer.checkpoint_number == 17))
+    with pytest.raises(AdapterFileError, match=rf"exp_adapter.bin is not a valid Arc2Face Expression Adapter for Arc2Face "
+                                               rf"\(SD1.5\): shape mismatch: ip_adapter.17.to_v_ip.weight: file \(3, {TOKEN_DIM}\) "
+                                               rf"vs expected \({width}, {TOKEN_DIM}\)"):
+        ExpressionAdapter.from_file(path)
+    image_proj, layers = official_modules(mlp=False)
+    layers["17.to_q_ip"] = nn.Linear(TOKEN_DIM, 3, bias=False)
+    write_exp_adapter_bin(path, image_proj, layers)
+    with pytest.raises(AdapterFileError, match=r"unexpected keys: ip_adapter.17.to_q_ip.weight"):
+        ExpressionAdapter.from_file(path)
 
 
 def test_a_faceid_style_file_is_not_an_expression_adapter(tmp_path):

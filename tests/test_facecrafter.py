@@ -26,6 +26,7 @@ from encoders.expressions import Landmarks
 from encoders.landmark_image import blank_rows, render_landmark_image, resize_landmark_images
 from encoders.landmark_pose import pose_landmarks, pose_sweep, rotation_matrix
 from hosts.diffusers import attach_adapters, facecrafter_kwargs
+from support.random_init import init_devices
 from support.tiny_facecrafter import TINY_EMO, TINY_LMK, landmark_images, random_facecrafter
 
 
@@ -71,13 +72,21 @@ def test_token_width_and_module_sizes_are_configurable():
 
 
 @pytest.mark.parametrize("present", [("lmk", "emo"), ("lmk",), ("emo",)])
-def test_file_round_trip_with_either_module_absent(tmp_path, present):
+def test_file_round_trip_with_either_module_absent(tmp_path, present, monkeypatch):
     crafter = random_facecrafter(lmk="lmk" in present, emo="emo" in present)
     path = tmp_path / "facecrafter.safetensors"
     crafter.save(path)
+    initialised = init_devices(monkeypatch)
     loaded = FaceCrafter.from_file(path)
+    assert initialised and set(initialised) == {"meta"}  # built as shapes only, every weight from the file
     assert set(loaded.modules_present()) == set(present)
-    assert {key.split(".")[0] for key in load_file(path)} == set(present)
+    saved = load_file(path)
+    assert {key.split(".")[0] for key in saved} == set(present)
+    parameters = dict(loaded.named_parameters())
+    assert set(parameters) == set(saved) and not list(loaded.buffers())
+    for key, parameter in parameters.items():  # V too, which a built module starts at zero
+        assert parameter.device == torch.device("cpu") and parameter.dtype == torch.float32 == saved[key].dtype, key
+        assert torch.equal(parameter.detach(), saved[key]), key
     for key, value in crafter.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     from safetensors import safe_open

@@ -100,7 +100,10 @@ def test_load_errors(model, tmp_path):
 def test_batchnorm_counters_optional_and_nested(model, tmp_path):
     checkpoint = {k: v for k, v in _published_checkpoint(model).items() if not k.endswith("num_batches_tracked")}
     torch.save({"state_dict": checkpoint}, tmp_path / "nested.pt")
-    load_smirk_encoder(tmp_path / "nested.pt")
+    loaded = load_smirk_encoder(tmp_path / "nested.pt")
+    for key, tensor in loaded.state_dict().items():  # nothing left on the meta device; absent counters start at 0
+        expected = checkpoint.get(SMIRK_PREFIX + key, torch.tensor(0))
+        assert tensor.device == torch.device("cpu") and tensor.dtype == expected.dtype and torch.equal(tensor, expected), key
     assert set(expression_encoder_state_dict(checkpoint)) < set(model.state_dict())
 
 
