@@ -8,6 +8,7 @@ model that cannot be obtained. Outside CI such tests skip, giving the reason.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -113,8 +114,29 @@ def workflow_runs(request, tmp_path_factory):
         yield None
         return
     runs = BackgroundRuns(tmp_path_factory.mktemp("workflow_runs"), comfyui, landmarker)
-    yield runs
+    with the_other_core():
+        yield runs
     runs.stop()
+
+
+@contextmanager
+def the_other_core():
+    """While the workflow runs take one core (``support.workflow_runs.ONE_CORE``), the tests and the processes they
+    start take the other: one torch thread. More threads than free cores spin in OpenMP's barriers, waiting for a
+    thread that has no core (the reason for ``one_thread`` below too)."""
+    import torch
+
+    threads, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if variable is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = variable
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -37,8 +37,6 @@ from support.workflow_models import write_instantid_face_models, write_workflow_
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
 SIZE, STEPS = 64, 2
-
-
 JOBS_SCRIPT = Path(__file__).resolve().parents[1] / "workflow_jobs.py"
 # SDXL (2.6B parameters) and emojidiff_compare (two SD1.5 UNets): weights kept in bf16 for half the memory,
 # still computed in fp32 on the CPU (ComfyUI casts layer by layer)
@@ -127,6 +125,15 @@ def job(api_path: Path, folder: Path, models: list[Path], photos: dict) -> list[
             *run_arguments(folder, models, list(variants(api_path).values()))]
 
 
+# glibc's malloc, as environment settings for the jobs' process: hand out blocks up to 32 MB from its heap and keep
+# what is freed there. By default it returns freed memory to the kernel at once, and ComfyUI casts each bf16 weight
+# to fp32 for every layer of every step, so each step faulted in GBs of fresh zeroed pages again. Measured on the
+# SDXL group: 17.5M page faults and 150 CPU-s by default, 5.0M and 108 CPU-s with these; the same peak memory
+# (workflow_jobs.py trims the heap between jobs).
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30),
+                     "MALLOC_TOP_PAD_": str(2**30)}
+
+
 def run_jobs(comfyui: Path, folder: Path, jobs: dict, flags: str, custom_nodes=()) -> dict:
     """The jobs in one ComfyUI process of their own (with the other packs in ``custom_nodes`` loaded); a job it
     never reported gets that process's error."""
@@ -135,11 +142,10 @@ def run_jobs(comfyui: Path, folder: Path, jobs: dict, flags: str, custom_nodes=(
     jobs_file.write_text(json.dumps({"comfyui": str(comfyui), "comfyui_flags": flags,
                                      "custom_nodes": [str(path) for path in custom_nodes], "jobs": jobs}, indent=1))
     finished = subprocess.run([sys.executable, str(JOBS_SCRIPT), str(jobs_file), str(results_file)],
-                              capture_output=True, text=True, timeout=1800)
+                              capture_output=True, text=True, timeout=1800, env=os.environ | KEEP_FREED_MEMORY)
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     crash = f"workflow_jobs.py exited with {finished.returncode} before this job ended:\n{finished.stderr[-6000:]}"
     return {name: results.get(name, {"runs": [], "error": crash, "peak_anon_gb": None}) for name in jobs}
-
 
 
 # the most a run may hold; SDXL (12.4 GB measured) with ViT-H and a 700M-parameter E-Adapter needs more, and with
@@ -188,15 +194,21 @@ def run_groups(root: Path, comfyui: Path, plan: list[dict]) -> dict:
 RESULTS = "results.json"
 
 
+# The background's share of a 2-core machine: one core. With torch's default of a thread per core, each OpenMP
+# region waits, spinning, for the thread whose core the tests hold: measured beside other work, 2.6 times the
+# CPU-seconds for the same jobs (arc2face_expression 33 against 12.6, facecrafter_composition 54 against 19.7).
+ONE_CORE = {"OMP_NUM_THREADS": "1"}
+
+
 class BackgroundRuns:
-    """``prepare`` and ``run_groups`` in a process of its own, started now, at a lower CPU priority;
-    :meth:`results` waits for it."""
+    """``prepare`` and ``run_groups`` in a process of its own, started now, at a lower CPU priority, on one torch
+    thread (``ONE_CORE``); :meth:`results` waits for it."""
 
     def __init__(self, root: Path, comfyui: Path, landmarker: Path):
         self.root = root
         self.log = root / "workflow_runs.log"
         here = Path(__file__).resolve().parents[1]  # tests/, where ``support`` is
-        env = os.environ | {"PYTHONPATH": os.pathsep.join(map(str, (here, here.parent)))}
+        env = os.environ | ONE_CORE | {"PYTHONPATH": os.pathsep.join(map(str, (here, here.parent)))}
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "support.workflow_runs", str(root), str(comfyui), str(landmarker)],
