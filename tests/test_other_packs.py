@@ -478,11 +478,25 @@ def test_perturbed_attention_guidance_over_the_reference_adapter(comfy):
     assert torch.isfinite(guided).all() and float((guided - alone).abs().max()) > 1e-3  # PAG is not shadowed by ours
 
 
-def test_torch_compile_gives_the_eager_latent(comfy, packs, model_folders):
+def test_torch_compile_gives_the_eager_latent(comfy, packs, model_folders, monkeypatch):
     """Core's TorchCompileModel over our patch and IPAdapter_plus's: TorchDynamo traces the UNet with both (graph
     breaks at the patches, guards on the sigma gate, which turns the branch off half-way), and the run gives the
     eager latent. The node's backend is dynamo's "eager": what touches our code is the tracing; inductor's code
-    generation costs minutes on these CPUs and moves float32 results by about 2e-4, its own business."""
+    generation costs minutes on these CPUs and moves float32 results by about 2e-4, its own business.
+
+    Nothing makes dynamo compile again per step or per run: a longer run of the compiled model (new sigmas, the
+    gate deciding at more steps, the per-run caches emptied and filled again) compiles no new graph, and still
+    gives the eager latent through the graphs compiled for the shorter one.
+
+    Attention is PyTorch's, as ComfyUI and IPAdapter_plus pick it on every GPU (where torch.compile is used). The
+    CPU default, sub-quadratic attention, asks psutil for the free memory at each call: a graph break in ComfyUI's
+    own code that about doubles the tracing and adds nothing of ours."""
+    from comfy.ldm.modules import attention
+    from torch._dynamo.utils import counters
+
+    their_attention = sys.modules[f"{packs.ipadapter.__name__.rpartition('.')[0]}.CrossAttentionPatch"]
+    for module in (attention, their_attention):  # IPAdapter_plus imported the kernel by name
+        monkeypatch.setattr(module, "optimized_attention", attention.attention_pytorch)
     hosts = Hosts("SD1.5", batch=1)
     adapter = random_expression_adapter("SD1.5")
     with torch.no_grad():
@@ -492,8 +506,15 @@ def test_torch_compile_gives_the_eager_latent(comfy, packs, model_folders):
     patched = ipadapter(packs, gated, "SD1.5")
     eager = sample(patched, latent_size=8, steps=2)
     assert float((eager - sample(ipadapter(packs, hosts.model, "SD1.5"), latent_size=8, steps=2)).abs().max()) > 1e-3
-    compiled = sample(core_node(comfy, "TorchCompileModel", model=patched, backend="eager"), latent_size=8, steps=2)
+    compiled_model = core_node(comfy, "TorchCompileModel", model=patched, backend="eager")
+    compiled = sample(compiled_model, latent_size=8, steps=2)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["ok"]
+    longer = sample(compiled_model, latent_size=8, steps=6)
+    assert counters["stats"]["unique_graphs"] == graphs, "a longer run compiled new graphs: something recompiles per step"
+    # ComfyUI's sampler wrapper frame (no graph) recompiles once for the new number of sigmas, dynamic after that
+    assert counters["frames"]["ok"] <= frames + 1, f"{counters['frames']['ok'] - frames} frames compiled again"
+    torch.testing.assert_close(longer, sample(patched, latent_size=8, steps=6), atol=1e-5, rtol=1e-5)
 
 
 # --- half precision: the stacks on UNets built and computing in fp16 / bf16 -----------------------------------------
