@@ -8,7 +8,7 @@ model that cannot be obtained. Outside CI such tests skip, giving the reason.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import pytest
 
@@ -64,6 +64,13 @@ def pytest_make_collect_report(collector):
         report.longrepr = _ci_failure(reason)
 
 
+def pytest_collection_modifyitems(items):
+    """The modules with tests that read the background workflow runs go last (a stable sort): by the time a worker
+    gets to them the runs are done, and no worker sits waiting for them while other files are left."""
+    reading = {item.module for item in items if "headless" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: getattr(item, "module", None) in reading)
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """ComfyUI imported in-process (CPU) with this pack loaded by ComfyUI's own custom-node loader."""
@@ -100,7 +107,10 @@ def workflow_runs(request, tmp_path_factory):
     """The shipped workflows' headless runs (tests/test_workflows.py), started in the background as the session
     starts when tests that read them are selected: they then run while the other tests do (support.workflow_runs).
     None when they are not selected or cannot start here; the ``headless`` fixture then starts them itself, through
-    the ``comfy`` and ``mediapipe_task`` fixtures, which say why they cannot run."""
+    the ``comfy`` and ``mediapipe_task`` fixtures, which say why they cannot run.
+
+    Under pytest-xdist every worker collects every test, so each comes to the same decision; the first worker
+    (gw0) starts the runs in a folder all workers share, and whichever worker gets test_workflows.py reads them."""
     from support.mediapipe_model import ModelUnavailable, face_landmarker_task
     from support.workflow_runs import BackgroundRuns
 
@@ -113,9 +123,21 @@ def workflow_runs(request, tmp_path_factory):
     except ModelUnavailable:
         yield None
         return
-    runs = BackgroundRuns(tmp_path_factory.mktemp("workflow_runs"), comfyui, landmarker)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        runs = BackgroundRuns(tmp_path_factory.mktemp("workflow_runs"), comfyui, landmarker)
+    else:  # a worker's base temp is <session's base temp>/<worker>
+        root = tmp_path_factory.getbasetemp().parent / "workflow_runs"
+        if worker == "gw0":
+            root.mkdir()
+            runs = BackgroundRuns(root, comfyui, landmarker)
+        else:
+            runs = BackgroundRuns.attach(root)
     with the_other_core():
         yield runs
+    if worker is not None and runs.process is not None:
+        with suppress(AssertionError):  # the test that reads the runs reports their failure
+            runs.results()  # another worker may still read them: end only when they are done
     runs.stop()
 
 

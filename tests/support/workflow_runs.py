@@ -8,9 +8,8 @@ the test process and each run's peak memory is its own.
 
 Writing the models and running every group is one process, ``python -m support.workflow_runs``. The session
 starts it in the background as soon as tests that need it are selected (``BackgroundRuns``, from
-tests/conftest.py), at a lower CPU priority: these runs need less than one of the two cores on average (they
-read GBs of weights and wait for the disk), so they run while the in-process tests do, and test_workflows.py
-reads their results. The SD1.5 group goes first; each SDXL group (12 to 14 GB) waits its turn
+tests/conftest.py), on one torch thread: they run while the in-process tests do (on two pytest-xdist workers,
+all three share the two cores alike), and test_workflows.py, collected last, reads their results. The SD1.5 group goes first; each SDXL group (12 to 14 GB) waits its turn
 (``test_cache.taking_turns(LARGE_MEMORY)``) with the test modules marked ``large_memory``, so that the memory of
 the test process and of a run never add up to more than the machine has.
 """
@@ -22,6 +21,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -191,9 +192,7 @@ def run_groups(root: Path, comfyui: Path, plan: list[dict]) -> dict:
     return results
 
 
-RESULTS = "results.json"
-
-
+RESULTS, FAILED, PROCESS = "results.json", "failed.txt", "process.txt"
 # The background's share of a 2-core machine: one core. With torch's default of a thread per core, each OpenMP
 # region waits, spinning, for the thread whose core the tests hold: measured beside other work, 2.6 times the
 # CPU-seconds for the same jobs (arc2face_expression 33 against 12.6, facecrafter_composition 54 against 19.7).
@@ -201,36 +200,73 @@ ONE_CORE = {"OMP_NUM_THREADS": "1"}
 
 
 class BackgroundRuns:
-    """``prepare`` and ``run_groups`` in a process of its own, started now, at a lower CPU priority, on one torch
-    thread (``ONE_CORE``); :meth:`results` waits for it."""
+    """``prepare`` and ``run_groups`` in a process of its own, started now, on one torch thread (``ONE_CORE``); :meth:`results` waits for it. Another test process (a pytest-xdist worker) reads the same
+    runs with :meth:`attach` and the same ``root``."""
 
-    def __init__(self, root: Path, comfyui: Path, landmarker: Path):
+    def __init__(self, root: Path, comfyui: Path | None = None, landmarker: Path | None = None):
         self.root = root
         self.log = root / "workflow_runs.log"
+        self.process: subprocess.Popen | None = None
+        if comfyui is None:
+            return
         here = Path(__file__).resolve().parents[1]  # tests/, where ``support`` is
         env = os.environ | ONE_CORE | {"PYTHONPATH": os.pathsep.join(map(str, (here, here.parent)))}
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "support.workflow_runs", str(root), str(comfyui), str(landmarker)],
-                cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
+                cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT)
+        (root / PROCESS).write_text(str(self.process.pid))
+
+    @classmethod
+    def attach(cls, root: Path) -> BackgroundRuns:
+        """The runs another process started in ``root`` (it may not have started them yet)."""
+        return cls(root)
 
     def results(self, timeout: float = 3600) -> dict:
-        try:
-            code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise AssertionError(f"the workflow runs took over {timeout} s:\n{self.log.read_text()[-6000:]}") from None
-        if code != 0 or not (self.root / RESULTS).is_file():
-            raise AssertionError(f"support.workflow_runs exited with {code}:\n{self.log.read_text()[-6000:]}")
+        deadline = time.monotonic() + timeout
+        while not self._ended():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"the workflow runs took over {timeout} s:\n{self._log_tail()}")
+            time.sleep(0.5)
+        if not (self.root / RESULTS).is_file():
+            failure = (self.root / FAILED).read_text() if (self.root / FAILED).is_file() else ""
+            raise AssertionError(f"support.workflow_runs ended without results:\n{failure}{self._log_tail()}")
         return json.loads((self.root / RESULTS).read_text())
 
+    def _ended(self) -> bool:
+        """Results or a failure written, or the process gone (killed before it could write either)."""
+        if (self.root / RESULTS).is_file() or (self.root / FAILED).is_file():
+            return True
+        if self.process is not None:
+            return self.process.poll() is not None
+        if not (self.root / PROCESS).is_file():
+            return False  # the starting process has not got to it yet
+        stat = Path(f"/proc/{(self.root / PROCESS).read_text()}/stat")
+        try:  # the third field is the state: Z, exited but not yet reaped by the process that started it
+            return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:] if self.log.is_file() else ""
+
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
 
 
+def main(out: Path, comfyui: Path, landmarker: Path) -> None:
+    """Writes RESULTS (atomically: a reader never sees half of it), or FAILED with the traceback."""
+    try:
+        results = run_groups(out, comfyui, prepare(out, comfyui, landmarker))
+    except BaseException:
+        (out / FAILED).write_text(traceback.format_exc())
+        raise
+    (out / f"{RESULTS}.partial").write_text(json.dumps(results, indent=1))
+    os.replace(out / f"{RESULTS}.partial", out / RESULTS)
+
+
 if __name__ == "__main__":
-    out, comfyui_path, landmarker_path = map(Path, sys.argv[1:4])
-    results = run_groups(out, comfyui_path, prepare(out, comfyui_path, landmarker_path))
-    (out / RESULTS).write_text(json.dumps(results, indent=1))
+    main(*map(Path, sys.argv[1:4]))
