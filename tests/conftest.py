@@ -164,11 +164,11 @@ def the_other_core():
 @pytest.fixture(scope="module", autouse=True)
 def _large_memory_takes_turns(request):
     """A module marked ``large_memory`` (full-size models in this process or in one it starts) runs while no SDXL
-    workflow run holds its 12 to 14 GB in the background (support.test_cache.taking_turns)."""
+    workflow run holds its 12 to 14 GB in the background (support.cache_locks.taking_turns)."""
     if request.node.get_closest_marker("large_memory") is None:
         yield
         return
-    from support.test_cache import LARGE_MEMORY, taking_turns
+    from support.cache_locks import LARGE_MEMORY, taking_turns
 
     with taking_turns(LARGE_MEMORY):
         yield

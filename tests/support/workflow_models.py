@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from support.cache_locks import cache_root, filling
 from support.e_adapter_standins import faceid_state, image_state
 from support.official_files import SD15_WIDTHS, TEXT_ENCODER_FILE, UNET_FILE, VAE_FILE, official_models_dir
 from support.onnx_face_models import export_detector, export_recognizer
-from support.test_cache import cache_root, filling
 from support.training_helpers import write_face_models, write_smirk_checkpoint
 
 CACHE = cache_root()

@@ -10,7 +10,7 @@ Writing the models and running every group is one process, ``python -m support.w
 starts it in the background as soon as tests that need it are selected (``BackgroundRuns``, from
 tests/conftest.py), on one torch thread: they run while the in-process tests do (on two pytest-xdist workers,
 all three share the two cores alike), and test_workflows.py, collected last, reads their results. The SD1.5 group goes first; each SDXL group (12 to 14 GB) waits its turn
-(``test_cache.taking_turns(LARGE_MEMORY)``) with the test modules marked ``large_memory``, so that the memory of
+(``cache_locks.taking_turns(LARGE_MEMORY)``) with the test modules marked ``large_memory``, so that the memory of
 the test process and of a run never add up to more than the machine has.
 """
 
@@ -28,11 +28,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from support.cache_locks import LARGE_MEMORY, taking_turns
 from support.comfy_browser import sample_photo, write_video
 from support.headless import run_arguments
 from support.onnx_face_models import face_crop, insightface_images, load_t1
 from support.pack_snapshots import INSTANTID, extract, packs_for
-from support.test_cache import LARGE_MEMORY, taking_turns
 from support.workflow_models import write_instantid_face_models, write_workflow_models
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
