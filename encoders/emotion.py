@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .expressions import EMOTION_CLASSES, Emotion, Landmarks
 from .face_crops import landmark_square_crop, to_image_batch
-from .weight_files import assign_weights, read_checkpoint, without_init
+from .weight_files import assign_weights, fill_batchnorm_counters, read_checkpoint, without_init
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +211,7 @@ def load_emonet(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     with without_init():  # every weight comes from the file
         model = EmoNet(n_expression=n_expression, stem=stem, width=width, fc_hidden=head.shape[1])
     expected = model.state_dict()
-    for key, value in expected.items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value, device="cpu")  # a fresh BatchNorm's count: 0
+    fill_batchnorm_counters(expected, state)
     missing = sorted(set(expected) - set(state))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or wrong:

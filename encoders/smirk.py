@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .expressions import FlameExpression, Landmarks
 from .face_crops import smirk_crop, to_image_batch
 from .optional import require
-from .weight_files import assign_weights, read_checkpoint, without_init
+from .weight_files import assign_weights, fill_batchnorm_counters, read_checkpoint, without_init
 
 SMIRK_PREFIX = "smirk_encoder.expression_encoder."
 SMIRK_BACKBONE = "tf_mobilenetv3_large_minimal_100"
@@ -118,9 +118,7 @@ def load_smirk_encoder(path: str | os.PathLike, device: str | torch.device = "cp
     with without_init():  # every weight comes from the file
         model = SmirkExpressionEncoder()
     expected = model.state_dict()
-    for key, value in expected.items():  # BatchNorm counters are optional
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value, device="cpu")  # a fresh BatchNorm's count: 0
+    fill_batchnorm_counters(expected, state)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
