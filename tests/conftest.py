@@ -125,16 +125,15 @@ def workflow_runs(request, tmp_path_factory):
         return
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None:
-        runs = BackgroundRuns(tmp_path_factory.mktemp("workflow_runs"), comfyui, landmarker)
+        runs = BackgroundRuns.start(tmp_path_factory.mktemp("workflow_runs"), comfyui, landmarker)
     else:  # a worker's base temp is <session's base temp>/<worker>
         root = tmp_path_factory.getbasetemp().parent / "workflow_runs"
         if worker == "gw0":
             root.mkdir()
-            runs = BackgroundRuns(root, comfyui, landmarker)
+            runs = BackgroundRuns.start(root, comfyui, landmarker)
         else:
             runs = BackgroundRuns.attach(root)
-    with the_other_core():
-        yield runs
+    yield runs
     if worker is not None and runs.process is not None:
         with suppress(AssertionError):  # the test that reads the runs reports their failure
             runs.results()  # another worker may still read them: end only when they are done
@@ -142,10 +141,8 @@ def workflow_runs(request, tmp_path_factory):
 
 
 @contextmanager
-def the_other_core():
-    """While the workflow runs take one core (``support.workflow_runs.ONE_CORE``), the tests and the processes they
-    start take the other: one torch thread. More threads than free cores spin in OpenMP's barriers, waiting for a
-    thread that has no core (the reason for ``one_thread`` below too)."""
+def one_torch_thread():
+    """torch on one thread here and in the processes started meanwhile (OMP_NUM_THREADS)."""
     import torch
 
     threads, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
@@ -159,6 +156,18 @@ def the_other_core():
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = variable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cores_shared(workflow_runs):
+    """A test process that shares the cores, with another pytest-xdist worker or with the background workflow runs
+    (which take one, ``support.workflow_runs.ONE_CORE``), uses one torch thread. More threads than free cores spin
+    in OpenMP's barriers, waiting for a thread that has no core (measured: 2.6 times the CPU-seconds)."""
+    if workflow_runs is None and "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -202,12 +211,8 @@ def t1():
 def one_thread():
     """torch on one thread for a module: tiny models are bound by per-op overhead, and two threads on a
     busy 2-core machine made the tiny training UNet about 10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -106,7 +106,7 @@ def test_shipped_ui_form_is_up_to_date_with_its_api_form_and_the_node_definition
 def headless(comfy, mediapipe_task, workflow_runs, tmp_path_factory):
     """Every API workflow run headless (and again with this pack's strengths at 0): ``{name: result}``, see
     support.workflow_runs; started at the session's start (conftest's ``workflow_runs``), or now."""
-    runs = workflow_runs or BackgroundRuns(tmp_path_factory.mktemp("workflow_runs"), comfy.path, mediapipe_task)
+    runs = workflow_runs or BackgroundRuns.start(tmp_path_factory.mktemp("workflow_runs"), comfy.path, mediapipe_task)
     return runs.root, runs.results()
 
 

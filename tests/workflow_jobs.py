@@ -5,8 +5,9 @@
 JOBS.json: ``{"comfyui": PATH, "comfyui_flags": "...", "custom_nodes": [other packs' folders, loaded by ComfyUI's
 loader as run.py's --custom-nodes does], "jobs": {NAME: [workflows/run.py arguments ...]}}``.
 RESULTS.json, rewritten after each job: ``{NAME: {"runs": [[saved png, ...] per run], "error": traceback or
-null, "seconds": s, "cpu_seconds": the CPU time it took, "peak_gb": the job's peak resident memory, "peak_anon_gb": the peak of the part that is not
-mapped files (model files read through mmap count in the first, and the kernel can drop them)}}``.
+null, "seconds": s, "cpu_seconds": the CPU time it took, "peak_gb": the job's peak resident memory,
+"peak_anon_gb": the peak of the part that is not mapped files (model files read through mmap count in the first,
+and the kernel can drop them)}}``.
 
 The full-size models stay out of the test process, which keeps its memory small, and ComfyUI starts
 once for all jobs. Each job gets its own executor and ComfyUI's models are unloaded after it, so each
@@ -96,12 +97,13 @@ def main(jobs_file: str, results_file: str) -> int:
             results[name] = {"runs": [[str(path) for path in saved] for saved in runs], "error": None}
         except Exception:  # noqa: BLE001  (reported per job; the next job still runs)
             results[name] = {"runs": [], "error": traceback.format_exc()}
-        results[name] |= {"seconds": round(time.monotonic() - started, 1),
-                          "cpu_seconds": round(time.process_time() - cpu_started, 1), "peak_gb": round(status_gb("VmHWM"), 2),
-                          "peak_anon_gb": round(anonymous.peak, 2)}
-        print(f"{name}: {results[name]['seconds']} s ({results[name]['cpu_seconds']} CPU-s), peak {results[name]['peak_gb']} GB "
-              f"({results[name]['peak_anon_gb']} GB not file-backed)"
-              f"{'' if results[name]['error'] is None else ', FAILED'}", file=sys.stderr, flush=True)
+        result = results[name]
+        result |= {"seconds": round(time.monotonic() - started, 1),
+                   "cpu_seconds": round(time.process_time() - cpu_started, 1),
+                   "peak_gb": round(status_gb("VmHWM"), 2), "peak_anon_gb": round(anonymous.peak, 2)}
+        print(f"{name}: {result['seconds']} s ({result['cpu_seconds']} CPU-s), peak {result['peak_gb']} GB "
+              f"({result['peak_anon_gb']} GB not file-backed){'' if result['error'] is None else ', FAILED'}",
+              file=sys.stderr, flush=True)
         Path(results_file).write_text(json.dumps(results, indent=1))
     return 0
 

@@ -9,9 +9,10 @@ the test process and each run's peak memory is its own.
 Writing the models and running every group is one process, ``python -m support.workflow_runs``. The session
 starts it in the background as soon as tests that need it are selected (``BackgroundRuns``, from
 tests/conftest.py), on one torch thread: they run while the in-process tests do (on two pytest-xdist workers,
-all three share the two cores alike), and test_workflows.py, collected last, reads their results. The SD1.5 group goes first; each SDXL group (12 to 14 GB) waits its turn
-(``cache_locks.taking_turns(LARGE_MEMORY)``) with the test modules marked ``large_memory``, so that the memory of
-the test process and of a run never add up to more than the machine has.
+all three share the two cores alike), and test_workflows.py, collected last, reads their results. The SD1.5
+group goes first; each SDXL group (12 to 14 GB) waits its turn (``cache_locks.taking_turns(LARGE_MEMORY)``) with
+the test modules marked ``large_memory``, so that the memory of the test processes and of a run never add up to
+more than the machine has.
 """
 
 from __future__ import annotations
@@ -200,22 +201,24 @@ ONE_CORE = {"OMP_NUM_THREADS": "1"}
 
 
 class BackgroundRuns:
-    """``prepare`` and ``run_groups`` in a process of its own, started now, on one torch thread (``ONE_CORE``); :meth:`results` waits for it. Another test process (a pytest-xdist worker) reads the same
-    runs with :meth:`attach` and the same ``root``."""
+    """``prepare`` and ``run_groups`` in a process of their own (:meth:`start`), on one torch thread (``ONE_CORE``);
+    :meth:`results` waits for them. Another test process (a pytest-xdist worker) reads the same runs through
+    :meth:`attach` and the same ``root``; ``process`` is None there."""
 
-    def __init__(self, root: Path, comfyui: Path | None = None, landmarker: Path | None = None):
-        self.root = root
+    def __init__(self, root: Path, process: subprocess.Popen | None = None):
+        self.root, self.process = root, process
         self.log = root / "workflow_runs.log"
-        self.process: subprocess.Popen | None = None
-        if comfyui is None:
-            return
+
+    @classmethod
+    def start(cls, root: Path, comfyui: Path, landmarker: Path) -> BackgroundRuns:
         here = Path(__file__).resolve().parents[1]  # tests/, where ``support`` is
         env = os.environ | ONE_CORE | {"PYTHONPATH": os.pathsep.join(map(str, (here, here.parent)))}
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen(
+        with open(root / "workflow_runs.log", "w") as log:
+            process = subprocess.Popen(
                 [sys.executable, "-m", "support.workflow_runs", str(root), str(comfyui), str(landmarker)],
                 cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT)
-        (root / PROCESS).write_text(str(self.process.pid))
+        (root / PROCESS).write_text(str(process.pid))
+        return cls(root, process)
 
     @classmethod
     def attach(cls, root: Path) -> BackgroundRuns:
